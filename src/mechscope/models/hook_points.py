@@ -1,0 +1,203 @@
+"""Hook points: named places in an HF model where a function can read or replace an activation.
+
+Design: each :class:`HookPoint` keeps its user functions in a list and holds a PyTorch hook on
+the real HF module *only while that list is non-empty*, so a model with nothing hooked runs the
+plain HF forward with zero overhead. Functions run in the order they were added; each sees the
+activation in TransformerLens layout (e.g. ``[batch pos n_heads d_head]`` for ``hook_z``) and may
+return a replacement of the same shape and dtype, which then flows into everything downstream.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from mechscope.models.errors import HookReturnError
+
+HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
+_ids = itertools.count()
+
+
+class HookPoint:
+    """A named activation; ``fn(activation, hook)`` functions are added with :meth:`add`."""
+
+    def __init__(self, name: str, layer: int | None = None):
+        self.name = name
+        self.layer = layer
+        self._fns: list[tuple[int, HookFn]] = []
+
+    def __repr__(self) -> str:
+        return f"HookPoint({self.name!r}, {len(self._fns)} fn)"
+
+    @property
+    def active(self) -> bool:
+        return bool(self._fns)
+
+    def add(self, fn: HookFn) -> Callable[[], None]:
+        """Add ``fn``; returns a function that removes exactly this registration."""
+        if not self._fns:
+            self._attach()
+        key = next(_ids)
+        self._fns.append((key, fn))
+
+        def remove() -> None:
+            before = len(self._fns)
+            self._fns = [(k, f) for k, f in self._fns if k != key]
+            if before and not self._fns:
+                self._detach()
+
+        return remove
+
+    def run(self, x: Tensor) -> Tensor:
+        """Pass ``x`` through every function; returns ``x`` itself when none replaced it."""
+        for _, fn in list(self._fns):
+            out = fn(x, self)
+            if out is not None:
+                _check_replacement(self.name, x, out)
+                x = out
+        return x
+
+    def _attach(self) -> None:
+        """Install the PyTorch hook(s); subclasses define where."""
+
+    def _detach(self) -> None:
+        """Remove what :meth:`_attach` installed."""
+
+
+def _check_replacement(name: str, old: Tensor, new: Any) -> None:
+    if not isinstance(new, Tensor):
+        raise HookReturnError(f"hook on {name!r} returned {type(new).__name__}; return a Tensor or None")
+    if new.shape != old.shape or new.dtype != old.dtype:
+        raise HookReturnError(
+            f"hook on {name!r} returned shape {tuple(new.shape)} {new.dtype}, but the activation is "
+            f"{tuple(old.shape)} {old.dtype}; return a tensor of the activation's shape and dtype"
+        )
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+class _TorchHookPoint(HookPoint):
+    """A point backed by one PyTorch hook on ``module``; ``view``/``unview`` map HF <-> TL layout."""
+
+    def __init__(self, name, layer, module: nn.Module, view=_identity, unview=_identity):
+        super().__init__(name, layer)
+        self.module, self.view, self.unview = module, view, unview
+        self._handle: RemovableHandle | None = None
+
+    def _detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class OutputPoint(_TorchHookPoint):
+    """The output of a module (the first element when it returns a tuple)."""
+
+    def _attach(self) -> None:
+        self._handle = self.module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        t = output[0] if isinstance(output, tuple) else output
+        x = self.view(t)
+        y = self.run(x)
+        if y is x:
+            return None
+        t = self.unview(y)
+        return (t, *output[1:]) if isinstance(output, tuple) else t
+
+
+class InputPoint(_TorchHookPoint):
+    """The first input of a module (positional, or the ``hidden_states`` keyword)."""
+
+    def _attach(self) -> None:
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        t = args[0] if args else kwargs["hidden_states"]
+        x = self.view(t)
+        y = self.run(x)
+        if y is x:
+            return None
+        t = self.unview(y)
+        if args:
+            return (t, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": t}
+
+
+class SwitchPoint(HookPoint):
+    """A point computed by mechscope's own eager attention; ``switch(+1/-1)`` turns that path on/off."""
+
+    def __init__(self, name, layer, switch: Callable[[int], None]):
+        super().__init__(name, layer)
+        self._switch = switch
+
+    def _attach(self) -> None:
+        self._switch(+1)
+
+    def _detach(self) -> None:
+        self._switch(-1)
+
+
+class ResidMidPoint(HookPoint):
+    """``resid_mid``, a local variable in HF code, made exact through real modules.
+
+    Reading it is the input of ``ln2``. Replacing it with ``X`` must change both what the MLP reads
+    and the residual it is added to. The MLP reads ``ln2(X)`` through a pre-hook on ``ln2``; the
+    residual is fixed by rewriting the layer's output as ``X + mlp_out``, with ``mlp_out`` captured
+    after every other hook on it has run. Float addition commutes, so this equals the HF sum
+    bit for bit (a transplanted ``resid_mid`` gives the donor run's logits exactly).
+    """
+
+    def __init__(self, name, layer, layer_module: nn.Module, ln2: nn.Module, mlp_out: nn.Module):
+        super().__init__(name, layer)
+        self.layer_module, self.ln2, self.mlp_out = layer_module, ln2, mlp_out
+        self._handles: list[RemovableHandle] = []
+        self._capture: RemovableHandle | None = None
+        self._pending: Tensor | None = None
+        self._mlp_out: Tensor | None = None
+
+    def _attach(self) -> None:
+        self._handles = [
+            self.ln2.register_forward_pre_hook(self._pre_ln2),
+            # prepend: the fix must land before anyone (e.g. a resid_post hook) reads the output.
+            self.layer_module.register_forward_hook(self._post_layer, prepend=True),
+        ]
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._drop_capture()
+
+    def _drop_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        self._pending = self._mlp_out = None
+
+    def _pre_ln2(self, module, args):
+        self._drop_capture()  # anything left by an interrupted forward
+        x = args[0]
+        y = self.run(x)
+        if y is x:
+            return None
+        self._pending = y
+        # Registered now, i.e. after every user hook on mlp_out: it sees the final mlp_out.
+        self._capture = self.mlp_out.register_forward_hook(self._capture_mlp_out)
+        return (y, *args[1:])
+
+    def _capture_mlp_out(self, module, args, output):
+        self._mlp_out = output[0] if isinstance(output, tuple) else output
+
+    def _post_layer(self, module, args, output):
+        if self._pending is None:
+            return None
+        fixed = self._pending + self._mlp_out
+        self._drop_capture()
+        return (fixed, *output[1:]) if isinstance(output, tuple) else fixed
