@@ -147,7 +147,7 @@ class ActivationCache:
             parts.append(self["hook_embed"])
             labels.append("embed")
             if "hook_pos_embed" in self.model.hook_names:
-                parts.append(self["hook_pos_embed"])
+                parts.append(self["hook_pos_embed"].expand_as(self["hook_embed"]))  # [1 pos d_model] in HF
                 labels.append("pos_embed")
         for i in range(layer):
             for kind in ("attn", "mlp"):

@@ -1,0 +1,97 @@
+"""ActivationCache: selection, aliasing, stop_at_layer, residual decomposition and the final norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import no_torch_hooks, random_tokens
+
+
+def test_names_select_what_is_cached(tiny):
+    tokens = random_tokens(tiny)
+    _, by_list = tiny.run_with_cache(tokens, ["blocks.0.hook_resid_post", "hook_embed"])
+    assert set(by_list) == {"blocks.0.hook_resid_post", "hook_embed"}
+    _, by_filter = tiny.run_with_cache(tokens, lambda n: n.endswith("hook_mlp_out"))
+    assert set(by_filter) == {f"blocks.{i}.hook_mlp_out" for i in range(tiny.cfg.n_layers)}
+    assert no_torch_hooks(tiny)
+
+
+def test_aliased_points_are_stored_once(tiny):
+    _, cache = tiny.run_with_cache(random_tokens(tiny), dtype=torch.float16)
+    assert cache["blocks.0.hook_resid_post"] is cache["blocks.1.hook_resid_pre"]
+    assert cache["blocks.0.hook_resid_post"].dtype == torch.float16
+
+
+def test_stop_at_layer_skips_later_blocks(tiny):
+    tokens = random_tokens(tiny)
+    calls = []
+    last = tiny.layer(tiny.cfg.n_layers - 1)
+    handle = last.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        resid, cache = tiny.run_with_cache(tokens, stop_at_layer=1)
+    finally:
+        handle.remove()
+    assert not calls
+    _, full = tiny.run_with_cache(tokens, ["blocks.1.hook_resid_pre"])
+    torch.testing.assert_close(resid, full["blocks.1.hook_resid_pre"])
+    assert all(not n.startswith("blocks.1.") for n in cache)
+    assert no_torch_hooks(tiny)
+
+
+def test_decomposition_sums_to_the_residual(tiny):
+    _, cache = tiny.run_with_cache(random_tokens(tiny))
+    n = tiny.cfg.n_layers
+    stack, labels = cache.decompose_resid(return_labels=True)
+    assert labels[0] == "embed" and labels[-1] == f"{n - 1}_mlp_out"
+    torch.testing.assert_close(stack.sum(0), cache[f"blocks.{n - 1}.hook_resid_post"], atol=1e-5, rtol=1e-5)
+    mid = cache.decompose_resid(1).sum(0)
+    torch.testing.assert_close(mid, cache["blocks.1.hook_resid_pre"], atol=1e-5, rtol=1e-5)
+
+
+def test_accumulated_resid_and_logit_lens_end_at_the_real_logits(tiny):
+    tokens = random_tokens(tiny)
+    logits, cache = tiny.run_with_cache(tokens)
+    stack, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
+    assert len(labels) == tiny.cfg.n_layers + 1 and labels[-1] == "final_post"
+    torch.testing.assert_close(stack[-1], cache["ln_final.hook_normalized"])
+    lens_logits = tiny.module(tiny.adapter.unembed)(stack[-1])
+    if tiny.cfg.final_logit_softcap:
+        cap = tiny.cfg.final_logit_softcap
+        lens_logits = torch.tanh(lens_logits / cap) * cap
+    torch.testing.assert_close(lens_logits, logits)
+
+
+def test_cached_norm_keeps_components_additive(tiny):
+    _, cache = tiny.run_with_cache(random_tokens(tiny))
+    normed = cache.decompose_resid(apply_ln=True).sum(0)
+    bias = tiny.weights.ln_final_b
+    expected = cache["ln_final.hook_normalized"] - (0 if bias is None else bias)
+    torch.testing.assert_close(normed, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_head_results_sum_to_the_attention_output(tiny):
+    if tiny.cfg.post_norms:
+        pytest.skip("post-norm families normalise the summed heads")
+    _, cache = tiny.run_with_cache(random_tokens(tiny))
+    heads, labels = cache.stack_head_results(1, return_labels=True)
+    assert labels == [f"L0H{h}" for h in range(tiny.cfg.n_heads)]
+    total = heads.sum(0) + tiny.weights.blocks[0].b_O
+    torch.testing.assert_close(total, cache["blocks.0.hook_attn_out"], atol=1e-5, rtol=1e-5)
+
+
+def test_logit_attrs_sum_to_the_logit(tiny):
+    tokens = random_tokens(tiny, batch=2)
+    logits, cache = tiny.run_with_cache(tokens)
+    target = tokens[:, -1]
+    attrs = cache.logit_attrs(cache.decompose_resid(apply_ln=True, pos_slice=-1), target)
+    w = tiny.weights
+    const = (0 if w.ln_final_b is None else w.ln_final_b @ w.W_U[:, target]) + w.b_U[target]
+    raw = tiny.module(tiny.adapter.unembed)(cache["ln_final.hook_normalized"])[torch.arange(2), -1, target]
+    torch.testing.assert_close(attrs.sum(0) + const, raw, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_name_error_lists_close_cached_names(tiny):
+    _, cache = tiny.run_with_cache(random_tokens(tiny), ["blocks.0.hook_resid_post"])
+    with pytest.raises(KeyError, match="blocks.0.hook_resid_post"):
+        cache["blocks.0.hook_resid_pos"]

@@ -1,0 +1,100 @@
+"""Hooks: context manager semantics, bad input, and the common edits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechscope as ms
+from mechscope.models import edits
+from tests.helpers import no_torch_hooks, random_tokens
+
+
+def test_hooks_nest_and_are_removed_even_on_error(tiny):
+    tokens, seen = random_tokens(tiny), []
+    with tiny.hooks({"blocks.0.hook_resid_post": lambda x, h: seen.append("outer")}):
+        with tiny.hooks([("blocks.0.hook_resid_post", lambda x, h: seen.append("inner"))]):
+            tiny(tokens)
+        tiny(tokens)
+    assert seen == ["outer", "inner", "outer"]
+
+    def boom(x, hook):
+        raise RuntimeError("inside a hook")
+
+    with pytest.raises(RuntimeError, match="inside a hook"):
+        with tiny.hooks({"blocks.0.attn.hook_pattern": boom, "blocks.1.hook_mlp_out": lambda x, h: None}):
+            tiny(tokens)
+    assert no_torch_hooks(tiny)
+    assert tiny.hf_model.config._attn_implementation != "mechscope"
+
+
+def test_unknown_hook_name_lists_close_names_and_attaches_nothing(tiny):
+    with pytest.raises(ms.models.UnknownHookError, match="blocks.0.hook_resid_post"):
+        with tiny.hooks({"blocks.0.hook_mlp_out": lambda x, h: None, "blocks.0.hook_resid_pots": lambda x, h: None}):
+            pass
+    assert no_torch_hooks(tiny)
+
+
+def test_wrong_shape_or_dtype_names_the_hook_and_both_shapes(tiny):
+    tokens = random_tokens(tiny, batch=2, pos=5)
+    with pytest.raises(ms.models.HookReturnError, match=r"blocks\.0\.hook_mlp_out.*\(2, 5, 3\).*\(2, 5, 64\)"):
+        with tiny.hooks({"blocks.0.hook_mlp_out": lambda x, h: x[..., :3]}):
+            tiny(tokens)
+    with pytest.raises(ms.models.HookReturnError, match="float16"):
+        tiny.run_with_hooks(tokens, {"blocks.0.attn.hook_pattern": lambda x, h: x.half()})
+    assert no_torch_hooks(tiny)
+    assert tiny.hf_model.config._attn_implementation != "mechscope"
+
+
+def test_predicate_names_and_raw_module_paths(tiny):
+    tokens, seen = random_tokens(tiny), []
+    with tiny.hooks({lambda n: n.endswith("hook_resid_pre"): lambda x, h: seen.append(h.name)}):
+        tiny(tokens)
+    assert seen == [f"blocks.{i}.hook_resid_pre" for i in range(tiny.cfg.n_layers)]
+    path = f"{tiny.adapter.layers}.0.{tiny.adapter.mlp}"
+    _, cache = tiny.run_with_cache(tokens, [path, "blocks.0.hook_mlp_out"])
+    if not tiny.cfg.post_norms:
+        torch.testing.assert_close(cache[path], cache["blocks.0.hook_mlp_out"])
+
+
+def test_add_hook_and_reset(tiny):
+    tokens = random_tokens(tiny)
+    clean = tiny(tokens)
+    tiny.add_hook("blocks.0.hook_resid_post", edits.zero(pos=0))
+    assert not torch.equal(tiny(tokens), clean)
+    tiny.reset_hooks()
+    assert torch.equal(tiny(tokens), clean)
+    assert no_torch_hooks(tiny)
+
+
+def _seen_after(model, tokens, name, edit):
+    seen = {}
+    with model.hooks({name: edit}), model.hooks({name: lambda x, h: seen.setdefault("x", x)}):
+        model(tokens)
+    return seen["x"]
+
+
+def test_edits_select_positions_heads_and_neurons(tiny):
+    tokens = random_tokens(tiny, batch=1, pos=6)
+    _, cache = tiny.run_with_cache(tokens, ["blocks.0.mlp.hook_post", "blocks.0.attn.hook_z"])
+    post, z = cache["blocks.0.mlp.hook_post"], cache["blocks.0.attn.hook_z"]
+    new_post = _seen_after(tiny, tokens, "blocks.0.mlp.hook_post", edits.zero(pos=[1, 3], index=[5, 7]))
+    assert torch.all(new_post[:, [1, 3]][:, :, [5, 7]] == 0)
+    changed = (new_post != post).nonzero()[:, 1:].tolist()
+    assert changed and all(p in (1, 3) and i in (5, 7) for p, i in changed)
+    new_z = _seen_after(tiny, tokens, "blocks.0.attn.hook_z", edits.scale(0.0, pos=2, head=1))
+    assert torch.all(new_z[0, 2, 1] == 0) and torch.equal(new_z[0, 2, 0], z[0, 2, 0]) and torch.equal(new_z[0, 1], z[0, 1])
+    with pytest.raises(ValueError, match="no head axis"):
+        _seen_after(tiny, tokens, "blocks.0.hook_resid_post", edits.zero(head=1))
+
+
+def test_replace_with_another_runs_activation_patches_only_the_selection(tiny):
+    a, b = random_tokens(tiny, seed=1), random_tokens(tiny, seed=2)
+    name = "blocks.0.hook_resid_post"
+    _, cache_a = tiny.run_with_cache(a, [name])
+    _, cache_b = tiny.run_with_cache(b, [name])
+    seen = {}
+    with tiny.hooks({name: edits.replace(cache_b[name], pos=4)}), tiny.hooks({name: lambda x, h: seen.setdefault("x", x)}):
+        tiny(a)
+    torch.testing.assert_close(seen["x"][:, 4], cache_b[name][:, 4])
+    torch.testing.assert_close(seen["x"][:, 3], cache_a[name][:, 3])
