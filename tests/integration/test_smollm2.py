@@ -14,7 +14,14 @@ PROMPT = "The Eiffel Tower is in the city of"
 
 def test_facts(smollm2):
     c = smollm2.cfg
-    assert (c.family, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head) == ("llama", 30, 576, 9, 3, 64)
+    assert (c.family, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head) == (
+        "llama",
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
 
 
 def test_unhooked_forward_is_bit_exact_and_predicts_paris(smollm2):
@@ -44,15 +51,22 @@ def test_eager_path_and_logit_lens_agree_with_the_model(smollm2):
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
     lens = smollm2.module("lm_head")(cache.accumulated_resid(apply_ln=True)[-1])
     torch.testing.assert_close(lens, logits)
-    torch.testing.assert_close(cache.decompose_resid().sum(0), cache["blocks.29.hook_resid_post"], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        cache.decompose_resid().sum(0), cache["blocks.29.hook_resid_post"], atol=1e-3, rtol=1e-4
+    )
     assert cache["blocks.3.attn.hook_k"].shape == (1, 9, 9, 64)  # GQA reported per query head
 
 
 def test_steering_generate_changes_the_text_and_is_removed(smollm2):
-    love, hate = (smollm2.run_with_cache(w, ["blocks.6.hook_resid_pre"])[1]["blocks.6.hook_resid_pre"][0, -1] for w in (" Love", " Hate"))
+    love, hate = (
+        smollm2.run_with_cache(w, ["blocks.6.hook_resid_pre"])[1]["blocks.6.hook_resid_pre"][0, -1]
+        for w in (" Love", " Hate")
+    )
     prompt = "I hate you because"
     plain = smollm2.generate(prompt, max_new_tokens=12)
-    steered = smollm2.generate(prompt, hooks={"blocks.6.hook_resid_pre": edits.add(8 * (love - hate))}, max_new_tokens=12)
+    steered = smollm2.generate(
+        prompt, hooks={"blocks.6.hook_resid_pre": edits.add(8 * (love - hate))}, max_new_tokens=12
+    )
     assert steered != plain and steered.startswith(prompt)
     assert smollm2.generate(prompt, max_new_tokens=12) == plain
     assert no_torch_hooks(smollm2)

@@ -14,16 +14,48 @@ from tests.helpers import no_torch_hooks, random_tokens
 
 # HF module names written out here, independently of the adapters, for the plain-torch references.
 HF = {
-    "llama": dict(layers="model.layers", o_proj="self_attn.o_proj", attn_out="self_attn", mlp_out="mlp",
-                  pre="mlp.gate_proj", post_in="mlp.down_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                  ln1="input_layernorm"),
-    "gemma2": dict(layers="model.layers", o_proj="self_attn.o_proj", attn_out="post_attention_layernorm",
-                   mlp_out="post_feedforward_layernorm", pre="mlp.gate_proj", post_in="mlp.down_proj",
-                   q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", ln1="input_layernorm"),
-    "gpt2": dict(layers="transformer.h", o_proj="attn.c_proj", attn_out="attn", mlp_out="mlp", pre="mlp.c_fc",
-                 post_in="mlp.c_proj", ln1="ln_1"),
-    "gpt_neox": dict(layers="gpt_neox.layers", o_proj="attention.dense", attn_out="attention", mlp_out="mlp",
-                     pre="mlp.dense_h_to_4h", post_in="mlp.dense_4h_to_h", ln1="input_layernorm"),
+    "llama": dict(
+        layers="model.layers",
+        o_proj="self_attn.o_proj",
+        attn_out="self_attn",
+        mlp_out="mlp",
+        pre="mlp.gate_proj",
+        post_in="mlp.down_proj",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        ln1="input_layernorm",
+    ),
+    "gemma2": dict(
+        layers="model.layers",
+        o_proj="self_attn.o_proj",
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        pre="mlp.gate_proj",
+        post_in="mlp.down_proj",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        ln1="input_layernorm",
+    ),
+    "gpt2": dict(
+        layers="transformer.h",
+        o_proj="attn.c_proj",
+        attn_out="attn",
+        mlp_out="mlp",
+        pre="mlp.c_fc",
+        post_in="mlp.c_proj",
+        ln1="ln_1",
+    ),
+    "gpt_neox": dict(
+        layers="gpt_neox.layers",
+        o_proj="attention.dense",
+        attn_out="attention",
+        mlp_out="mlp",
+        pre="mlp.dense_h_to_4h",
+        post_in="mlp.dense_4h_to_h",
+        ln1="input_layernorm",
+    ),
 }
 HF["gemma3"] = HF["gemma2"]
 
@@ -48,14 +80,18 @@ def build(family: str, overrides: dict) -> ms.HookedModel:
     if kind == "mistral":
         config = MistralConfig(**adapter.tiny_config().to_dict() | dict(model_type="mistral"))
     elif kind == "qwen2":
-        config = Qwen2Config(**{k: v for k, v in adapter.tiny_config().to_dict().items() if k != "model_type"})
+        config = Qwen2Config(
+            **{k: v for k, v in adapter.tiny_config().to_dict().items() if k != "model_type"}
+        )
     else:
         config = adapter.tiny_config(**overrides)
     torch.manual_seed(0)
     return HookedModel(AutoModelForCausalLM.from_config(config).eval(), byte_tokenizer(), adapters()[family])
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[0] + "".join(f"-{k}={x}" for k, x in v[1].items()))
+@pytest.fixture(
+    scope="module", params=VARIANTS, ids=lambda v: v[0] + "".join(f"-{k}={x}" for k, x in v[1].items())
+)
 def model(request) -> ms.HookedModel:
     return build(*request.param)
 
@@ -67,7 +103,10 @@ def hf(model: ms.HookedModel, layer: int, key: str) -> torch.nn.Module:
 
 def plain_logits(model, tokens, hooks=()):
     """Logits of the HF model with plain torch hooks ``[(module, kind, fn)]``."""
-    handles = [m.register_forward_hook(fn) if kind == "out" else m.register_forward_pre_hook(fn) for m, kind, fn in hooks]
+    handles = [
+        m.register_forward_hook(fn) if kind == "out" else m.register_forward_pre_hook(fn)
+        for m, kind, fn in hooks
+    ]
     try:
         with torch.no_grad():
             return model.hf_model(input_ids=tokens).logits
@@ -83,7 +122,11 @@ def test_unhooked_forward_is_bit_exact(model):
 
 def test_reading_every_point_outside_attention_keeps_bit_exact_logits(model):
     tokens = random_tokens(model)
-    names = [n for n in model.hook_names if not n.endswith(("hook_q", "hook_k", "hook_v", "attn_scores", "pattern"))]
+    names = [
+        n
+        for n in model.hook_names
+        if not n.endswith(("hook_q", "hook_k", "hook_v", "attn_scores", "pattern"))
+    ]
     logits, cache = model.run_with_cache(tokens, names)
     assert torch.equal(logits, plain_logits(model, tokens))
     assert set(cache) == set(names)
@@ -104,10 +147,15 @@ def test_every_hook_point_has_tl_shape(model):
     for name, t in cache.items():
         point = name.split(".", 2)[-1] if name.startswith("blocks.") else name
         expected = {
-            "attn.hook_q": (2, 7, c.n_heads, c.d_head), "attn.hook_k": (2, 7, c.n_heads, c.d_head),
-            "attn.hook_v": (2, 7, c.n_heads, c.d_head), "attn.hook_z": (2, 7, c.n_heads, c.d_head),
-            "attn.hook_pattern": (2, c.n_heads, 7, 7), "attn.hook_attn_scores": (2, c.n_heads, 7, 7),
-            "mlp.hook_pre": (2, 7, c.d_mlp), "mlp.hook_pre_linear": (2, 7, c.d_mlp), "mlp.hook_post": (2, 7, c.d_mlp),
+            "attn.hook_q": (2, 7, c.n_heads, c.d_head),
+            "attn.hook_k": (2, 7, c.n_heads, c.d_head),
+            "attn.hook_v": (2, 7, c.n_heads, c.d_head),
+            "attn.hook_z": (2, 7, c.n_heads, c.d_head),
+            "attn.hook_pattern": (2, c.n_heads, 7, 7),
+            "attn.hook_attn_scores": (2, c.n_heads, 7, 7),
+            "mlp.hook_pre": (2, 7, c.d_mlp),
+            "mlp.hook_pre_linear": (2, 7, c.d_mlp),
+            "mlp.hook_post": (2, 7, c.d_mlp),
             "unembed.hook_out": (2, 7, c.d_vocab),
         }.get(point, (2, 7, c.d_model))
         if name == "hook_pos_embed":  # positions are shared by the batch, as HF computes them
@@ -142,7 +190,15 @@ def test_z_head_edit_equals_editing_the_output_projection_input(model):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("point,key,kind", [("hook_attn_out", "attn_out", "out"), ("hook_mlp_out", "mlp_out", "out"), ("mlp.hook_pre", "pre", "out"), ("mlp.hook_post", "post_in", "pre")])
+@pytest.mark.parametrize(
+    "point,key,kind",
+    [
+        ("hook_attn_out", "attn_out", "out"),
+        ("hook_mlp_out", "mlp_out", "out"),
+        ("mlp.hook_pre", "pre", "out"),
+        ("mlp.hook_post", "post_in", "pre"),
+    ],
+)
 def test_sublayer_edits_equal_plain_torch_hooks(model, point, key, kind):
     tokens = random_tokens(model)
     g = torch.Generator().manual_seed(3)
@@ -160,7 +216,9 @@ def test_sublayer_edits_equal_plain_torch_hooks(model, point, key, kind):
         x[:, 2] = x[:, 2] + vec
         return (x, *args[1:])
 
-    expected = plain_logits(model, tokens, [(hf(model, 1, key), kind, by_hand_out if kind == "out" else by_hand_pre)])
+    expected = plain_logits(
+        model, tokens, [(hf(model, 1, key), kind, by_hand_out if kind == "out" else by_hand_pre)]
+    )
     with model.hooks({f"blocks.1.{point}": edits.add(vec, pos=2)}):
         got = model(tokens)
     assert torch.equal(got, expected)
@@ -246,7 +304,10 @@ def test_pattern_replacement_equals_mixing_values_by_hand(model):
 def test_scores_and_pattern_are_consistent(model):
     _, cache = model.run_with_cache(random_tokens(model), lambda n: "attn_scores" in n or "pattern" in n)
     for layer in range(model.cfg.n_layers):
-        scores, pattern = cache[f"blocks.{layer}.attn.hook_attn_scores"], cache[f"blocks.{layer}.attn.hook_pattern"]
+        scores, pattern = (
+            cache[f"blocks.{layer}.attn.hook_attn_scores"],
+            cache[f"blocks.{layer}.attn.hook_pattern"],
+        )
         torch.testing.assert_close(scores.softmax(-1), pattern)
         torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern[..., 0]))
         assert torch.all(pattern.triu(1) == 0)  # causal
@@ -255,7 +316,9 @@ def test_scores_and_pattern_are_consistent(model):
 def test_gradients_match_autograd_on_the_plain_model(model):
     tokens, target = random_tokens(model, batch=1), 7
     metric = lambda logits: logits[0, -1, target] - logits[0, -1].mean()  # noqa: E731
-    run = model.run_with_grads(tokens, metric, ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.attn.hook_v"])
+    run = model.run_with_grads(
+        tokens, metric, ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.attn.hook_v"]
+    )
 
     leaf = {}
 

@@ -30,14 +30,18 @@ def test_hooks_nest_and_are_removed_even_on_error(tiny):
 
 def test_unknown_hook_name_lists_close_names_and_attaches_nothing(tiny):
     with pytest.raises(ms.models.UnknownHookError, match="blocks.0.hook_resid_post"):
-        with tiny.hooks({"blocks.0.hook_mlp_out": lambda x, h: None, "blocks.0.hook_resid_pots": lambda x, h: None}):
+        with tiny.hooks(
+            {"blocks.0.hook_mlp_out": lambda x, h: None, "blocks.0.hook_resid_pots": lambda x, h: None}
+        ):
             pass
     assert no_torch_hooks(tiny)
 
 
 def test_wrong_shape_or_dtype_names_the_hook_and_both_shapes(tiny):
     tokens = random_tokens(tiny, batch=2, pos=5)
-    with pytest.raises(ms.models.HookReturnError, match=r"blocks\.0\.hook_mlp_out.*\(2, 5, 3\).*\(2, 5, 64\)"):
+    with pytest.raises(
+        ms.models.HookReturnError, match=r"blocks\.0\.hook_mlp_out.*\(2, 5, 3\).*\(2, 5, 64\)"
+    ):
         with tiny.hooks({"blocks.0.hook_mlp_out": lambda x, h: x[..., :3]}):
             tiny(tokens)
     with pytest.raises(ms.models.HookReturnError, match="float16"):
@@ -83,7 +87,11 @@ def test_edits_select_positions_heads_and_neurons(tiny):
     changed = (new_post != post).nonzero()[:, 1:].tolist()
     assert changed and all(p in (1, 3) and i in (5, 7) for p, i in changed)
     new_z = _seen_after(tiny, tokens, "blocks.0.attn.hook_z", edits.scale(0.0, pos=2, head=1))
-    assert torch.all(new_z[0, 2, 1] == 0) and torch.equal(new_z[0, 2, 0], z[0, 2, 0]) and torch.equal(new_z[0, 1], z[0, 1])
+    assert (
+        torch.all(new_z[0, 2, 1] == 0)
+        and torch.equal(new_z[0, 2, 0], z[0, 2, 0])
+        and torch.equal(new_z[0, 1], z[0, 1])
+    )
     with pytest.raises(ValueError, match="no head axis"):
         _seen_after(tiny, tokens, "blocks.0.hook_resid_post", edits.zero(head=1))
 
@@ -94,7 +102,10 @@ def test_replace_with_another_runs_activation_patches_only_the_selection(tiny):
     _, cache_a = tiny.run_with_cache(a, [name])
     _, cache_b = tiny.run_with_cache(b, [name])
     seen = {}
-    with tiny.hooks({name: edits.replace(cache_b[name], pos=4)}), tiny.hooks({name: lambda x, h: seen.setdefault("x", x)}):
+    with (
+        tiny.hooks({name: edits.replace(cache_b[name], pos=4)}),
+        tiny.hooks({name: lambda x, h: seen.setdefault("x", x)}),
+    ):
         tiny(a)
     torch.testing.assert_close(seen["x"][:, 4], cache_b[name][:, 4])
     torch.testing.assert_close(seen["x"][:, 3], cache_a[name][:, 3])

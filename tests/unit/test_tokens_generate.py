@@ -53,7 +53,9 @@ def test_steering_during_generate_applies_to_every_token_and_is_removed(tiny):
     spec = [("blocks.0.hook_resid_post", edits.add(vec)), ("blocks.0.hook_resid_post", count)]
     steered = tiny.generate(prompt, hooks=spec, max_new_tokens=8, min_new_tokens=8)
     assert steered != plain
-    assert steps[0] == len(tiny.to_tokens(prompt)[0]) and steps[1:] == [1] * 7  # KV cache on, hook on each new token
+    assert (
+        steps[0] == len(tiny.to_tokens(prompt)[0]) and steps[1:] == [1] * 7
+    )  # KV cache on, hook on each new token
     assert tiny.generate(prompt, max_new_tokens=8, min_new_tokens=8) == plain
     assert no_torch_hooks(tiny)
 

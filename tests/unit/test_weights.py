@@ -11,7 +11,11 @@ from tests.helpers import random_tokens
 def test_weight_views_share_storage_with_the_model(tiny):
     w, c = tiny.weights.blocks[0], tiny.cfg
     assert w.W_Q.shape == (c.n_heads, c.d_model, c.d_head) and w.W_O.shape == (c.n_heads, c.d_head, c.d_model)
-    assert w.W_K.shape == (c.n_heads, c.d_model, c.d_head) and w.W_K_kv.shape == (c.n_kv_heads, c.d_model, c.d_head)
+    assert w.W_K.shape == (c.n_heads, c.d_model, c.d_head) and w.W_K_kv.shape == (
+        c.n_kv_heads,
+        c.d_model,
+        c.d_head,
+    )
     assert w.W_in.shape == (c.d_model, c.d_mlp) and w.W_out.shape == (c.d_mlp, c.d_model)
     params = {p.untyped_storage().data_ptr() for p in tiny.hf_model.parameters()}
     for t in (w.W_Q, w.W_K_kv, w.W_V_kv, w.W_O, w.W_in, w.W_out, tiny.weights.W_E, tiny.weights.W_U):
@@ -20,8 +24,16 @@ def test_weight_views_share_storage_with_the_model(tiny):
 
 
 def test_weights_rebuild_the_model_computation(tiny):
-    names = ["blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_v", "blocks.0.attn.hook_z", "blocks.0.ln2.hook_normalized",
-             "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out", "blocks.0.hook_attn_out"]
+    names = [
+        "blocks.0.ln1.hook_normalized",
+        "blocks.0.attn.hook_v",
+        "blocks.0.attn.hook_z",
+        "blocks.0.ln2.hook_normalized",
+        "blocks.0.mlp.hook_pre",
+        "blocks.0.mlp.hook_post",
+        "blocks.0.hook_mlp_out",
+        "blocks.0.hook_attn_out",
+    ]
     _, cache = tiny.run_with_cache(random_tokens(tiny), names)
     w = tiny.weights.blocks[0]
     x = cache["blocks.0.ln1.hook_normalized"]
@@ -37,19 +49,36 @@ def test_weights_rebuild_the_model_computation(tiny):
 
 
 def test_folded_weights_read_the_unscaled_normalised_residual(tiny):
-    _, cache = tiny.run_with_cache(random_tokens(tiny), ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_v", "ln_final.hook_normalized",
-                                                         f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post", "unembed.hook_out"])
+    _, cache = tiny.run_with_cache(
+        random_tokens(tiny),
+        [
+            "blocks.0.hook_resid_pre",
+            "blocks.0.attn.hook_v",
+            "ln_final.hook_normalized",
+            f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post",
+            "unembed.hook_out",
+        ],
+    )
     folded = ms.fold_norms(tiny.weights)
 
     def normalise(x):
         if tiny.cfg.norm == "layernorm":
             x = x - x.mean(-1, keepdim=True)
-        return x / (x.pow(2).mean(-1, keepdim=True) + 1e-5 if tiny.cfg.norm == "layernorm" else x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        return (
+            x
+            / (
+                x.pow(2).mean(-1, keepdim=True) + 1e-5
+                if tiny.cfg.norm == "layernorm"
+                else x.pow(2).mean(-1, keepdim=True) + 1e-6
+            ).sqrt()
+        )
 
     x = normalise(cache["blocks.0.hook_resid_pre"])
     v = torch.einsum("bpm,hmd->bphd", x, folded.blocks[0].W_V) + folded.blocks[0].b_V
     torch.testing.assert_close(v, cache["blocks.0.attn.hook_v"], atol=1e-4, rtol=1e-4)
     final = normalise(cache[f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post"])
-    torch.testing.assert_close(final @ folded.W_U + folded.b_U, cache["unembed.hook_out"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        final @ folded.W_U + folded.b_U, cache["unembed.hook_out"], atol=1e-4, rtol=1e-4
+    )
     embed = tiny.weights.W_E * tiny.cfg.embed_scale
     torch.testing.assert_close(folded.W_E, embed)

@@ -44,7 +44,9 @@ class ActivationCache:
         except KeyError:
             close = difflib.get_close_matches(name, list(self._store), n=5, cutoff=0.5)
             hint = f" Closest cached: {', '.join(close)}." if close else ""
-            raise KeyError(f"{name!r} is not in this cache ({len(self._store)} names).{hint} Cache it with run_with_cache(names=...)") from None
+            raise KeyError(
+                f"{name!r} is not in this cache ({len(self._store)} names).{hint} Cache it with run_with_cache(names=...)"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return ALIASES.get(name, name) in self._store  # type: ignore[arg-type]
@@ -67,7 +69,9 @@ class ActivationCache:
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} tensors: {', '.join(list(self._store)[:4])}{', ...' if len(self) > 4 else ''})"
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ActivationCache:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ActivationCache:
         """A copy with every tensor moved / cast (aliases stay shared)."""
         moved: dict[int, Tensor] = {}
         store = {}
@@ -85,7 +89,9 @@ class ActivationCache:
 
     def _resid_at(self, layer: int) -> Tensor:
         n = self.model.cfg.n_layers
-        return self[f"blocks.{layer}.hook_resid_pre"] if layer < n else self[f"blocks.{n - 1}.hook_resid_post"]
+        return (
+            self[f"blocks.{layer}.hook_resid_pre"] if layer < n else self[f"blocks.{n - 1}.hook_resid_post"]
+        )
 
     def _layer(self, layer: int | None) -> int:
         n = self.model.cfg.n_layers
@@ -202,7 +208,11 @@ class ActivationCache:
         """
         layer = self._layer(layer)
         model, n = self.model, self.model.cfg.n_layers
-        norm = model.module(model.adapter.final_norm) if layer == n else model.layer(layer).get_submodule(model.adapter.ln1)
+        norm = (
+            model.module(model.adapter.final_norm)
+            if layer == n
+            else model.layer(layer).get_submodule(model.adapter.ln1)
+        )
         if mode == "recompute":
             return norm(stack)
         if mode != "cached":

@@ -44,7 +44,9 @@ def _axis_mask(size: int, sel: Selector, device: torch.device) -> Tensor | None:
         if not -size <= sel < size:  # e.g. a prompt position on a one-token generation step
             return keep
         sel = [sel]
-    keep[sel if isinstance(sel, slice) else torch.as_tensor(list(sel), dtype=torch.long, device=device)] = True
+    keep[sel if isinstance(sel, slice) else torch.as_tensor(list(sel), dtype=torch.long, device=device)] = (
+        True
+    )
     return keep
 
 

@@ -49,7 +49,11 @@ class ModelFacts:
         n_heads = config.num_attention_heads
         d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         act = next(
-            (getattr(config, a) for a in ("hidden_activation", "hidden_act", "activation_function") if getattr(config, a, None)),
+            (
+                getattr(config, a)
+                for a in ("hidden_activation", "hidden_act", "activation_function")
+                if getattr(config, a, None)
+            ),
             "unknown",
         )
         layer_types = getattr(config, "layer_types", None)

@@ -69,5 +69,8 @@ def generate(
     if return_tokens:
         return out[0] if single else out
     # Drop the left padding; keep the prompt, as TransformerLens does.
-    texts = [tok.decode(row[int((m == 0).sum()) :], skip_special_tokens=True) for row, m in zip(out, mask)]
+    texts = [
+        tok.decode(row[int((m == 0).sum()) :], skip_special_tokens=True)
+        for row, m in zip(out, mask, strict=True)
+    ]
     return texts[0] if single else texts

@@ -64,7 +64,9 @@ class HookedModel:
         prepend_bos: the default BOS policy for string inputs.
     """
 
-    def __init__(self, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter: Adapter, name: str = ""):
+    def __init__(
+        self, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter: Adapter, name: str = ""
+    ):
         attention.register()
         self.hf_model = hf_model.eval()
         self.tokenizer = tokenizer
@@ -125,47 +127,59 @@ class HookedModel:
         if a.pos_embed:
             points["hook_pos_embed"] = OutputPoint("hook_pos_embed", None, self.module(a.pos_embed))
 
+        for i in range(c.n_layers):
+            layer = self.layer(i)
+            make = self._layer_point_makers(i, layer)
+            for p in layer_points(parallel=c.parallel, gated=c.gated_mlp):
+                points[f"blocks.{i}.{p}"] = make[p](f"blocks.{i}.{p}")
+            attention.bind(
+                get_module(layer, a.attn),
+                attention.AttentionPoints(
+                    *(points[f"blocks.{i}.attn.hook_{k}"] for k in ("q", "k", "v", "attn_scores", "pattern"))
+                ),
+            )
+        points["ln_final.hook_normalized"] = OutputPoint(
+            "ln_final.hook_normalized", None, self.module(a.final_norm)
+        )
+        points["unembed.hook_out"] = OutputPoint("unembed.hook_out", None, self.module(a.unembed))
+        expected = all_hook_names(
+            c.n_layers, parallel=c.parallel, gated=c.gated_mlp, learned_pos=bool(a.pos_embed)
+        )
+        assert list(points) == expected, "hook_names grammar and HookedModel disagree"
+        return points
+
+    def _layer_point_makers(self, i: int, layer: nn.Module) -> dict[str, Callable[[str], HookPoint]]:
+        """For block ``i``: point name -> constructor of its HookPoint on the right HF module."""
+        a, c = self.adapter, self.cfg
+
+        def sub(path: str) -> nn.Module:
+            return get_module(layer, path)
+
         def heads(t: Tensor) -> Tensor:
             return t.unflatten(-1, (c.n_heads, c.d_head))
 
         def flat(t: Tensor) -> Tensor:
             return t.flatten(-2)
 
-        for i in range(c.n_layers):
-            layer = self.layer(i)
-            sub = lambda path, layer=layer: get_module(layer, path)  # noqa: E731
-            switch = self._switch_attention
-            make: dict[str, Callable[[str], HookPoint]] = {
-                "hook_resid_pre": lambda n: InputPoint(n, i, layer),
-                "ln1.hook_normalized": lambda n: OutputPoint(n, i, sub(a.ln1)),
-                "attn.hook_q": lambda n: SwitchPoint(n, i, switch),
-                "attn.hook_k": lambda n: SwitchPoint(n, i, switch),
-                "attn.hook_v": lambda n: SwitchPoint(n, i, switch),
-                "attn.hook_attn_scores": lambda n: SwitchPoint(n, i, switch),
-                "attn.hook_pattern": lambda n: SwitchPoint(n, i, switch),
-                "attn.hook_z": lambda n: InputPoint(n, i, sub(a.o_proj), heads, flat),
-                "hook_attn_out": lambda n: OutputPoint(n, i, sub(a.attn_out)),
-                "hook_resid_mid": lambda n: ResidMidPoint(n, i, layer, sub(a.ln2), sub(a.mlp_out)),
-                "ln2.hook_normalized": lambda n: OutputPoint(n, i, sub(a.ln2)),
-                "mlp.hook_pre": lambda n: OutputPoint(n, i, sub(a.mlp_in)),
-                "mlp.hook_pre_linear": lambda n: OutputPoint(n, i, sub(a.mlp_in_linear)),
-                "mlp.hook_post": lambda n: InputPoint(n, i, sub(a.mlp_out_proj)),
-                "hook_mlp_out": lambda n: OutputPoint(n, i, sub(a.mlp_out)),
-                "hook_resid_post": lambda n: OutputPoint(n, i, layer),
-            }
-            for p in layer_points(parallel=c.parallel, gated=c.gated_mlp):
-                points[f"blocks.{i}.{p}"] = make[p](f"blocks.{i}.{p}")
-            attention.bind(
-                sub(a.attn),
-                attention.AttentionPoints(
-                    *(points[f"blocks.{i}.attn.hook_{k}"] for k in ("q", "k", "v", "attn_scores", "pattern"))
-                ),
-            )
-        points["ln_final.hook_normalized"] = OutputPoint("ln_final.hook_normalized", None, self.module(a.final_norm))
-        points["unembed.hook_out"] = OutputPoint("unembed.hook_out", None, self.module(a.unembed))
-        expected = all_hook_names(c.n_layers, parallel=c.parallel, gated=c.gated_mlp, learned_pos=bool(a.pos_embed))
-        assert list(points) == expected, "hook_names grammar and HookedModel disagree"
-        return points
+        switch = self._switch_attention
+        return {
+            "hook_resid_pre": lambda n: InputPoint(n, i, layer),
+            "ln1.hook_normalized": lambda n: OutputPoint(n, i, sub(a.ln1)),
+            "attn.hook_q": lambda n: SwitchPoint(n, i, switch),
+            "attn.hook_k": lambda n: SwitchPoint(n, i, switch),
+            "attn.hook_v": lambda n: SwitchPoint(n, i, switch),
+            "attn.hook_attn_scores": lambda n: SwitchPoint(n, i, switch),
+            "attn.hook_pattern": lambda n: SwitchPoint(n, i, switch),
+            "attn.hook_z": lambda n: InputPoint(n, i, sub(a.o_proj), heads, flat),
+            "hook_attn_out": lambda n: OutputPoint(n, i, sub(a.attn_out)),
+            "hook_resid_mid": lambda n: ResidMidPoint(n, i, layer, sub(a.ln2), sub(a.mlp_out)),
+            "ln2.hook_normalized": lambda n: OutputPoint(n, i, sub(a.ln2)),
+            "mlp.hook_pre": lambda n: OutputPoint(n, i, sub(a.mlp_in)),
+            "mlp.hook_pre_linear": lambda n: OutputPoint(n, i, sub(a.mlp_in_linear)),
+            "mlp.hook_post": lambda n: InputPoint(n, i, sub(a.mlp_out_proj)),
+            "hook_mlp_out": lambda n: OutputPoint(n, i, sub(a.mlp_out)),
+            "hook_resid_post": lambda n: OutputPoint(n, i, layer),
+        }
 
     def _switch_attention(self, delta: int) -> None:
         """Count points inside attention that are hooked; use the eager path while any is."""
@@ -182,7 +196,9 @@ class HookedModel:
         resolved = []
         for key, fn in items:
             if not callable(fn):
-                raise TypeError(f"the hook for {key!r} is {type(fn).__name__}, not a function fn(activation, hook)")
+                raise TypeError(
+                    f"the hook for {key!r} is {type(fn).__name__}, not a function fn(activation, hook)"
+                )
             if callable(key):
                 resolved += [(self._points[n], fn) for n in self._points if key(n)]
             else:
@@ -229,14 +245,24 @@ class HookedModel:
         """Token ids on the model's device (padded on ``padding_side``; see :meth:`tokenize` for the mask)."""
         return self.tokenize(text, prepend_bos=prepend_bos, padding_side=padding_side).ids
 
-    def tokenize(self, text: str | list[str], *, prepend_bos: bool | None = None, padding_side: str = "right") -> tokens.Tokens:
+    def tokenize(
+        self, text: str | list[str], *, prepend_bos: bool | None = None, padding_side: str = "right"
+    ) -> tokens.Tokens:
         """Token ids and the padding mask (None when nothing is padded)."""
         bos = self.prepend_bos if prepend_bos is None else prepend_bos
-        return tokens.to_tokens(self.tokenizer, text, prepend_bos=bos, padding_side=padding_side, device=self.device)
+        return tokens.to_tokens(
+            self.tokenizer, text, prepend_bos=bos, padding_side=padding_side, device=self.device
+        )
 
-    def to_str_tokens(self, text_or_ids: str | Tensor | list[int], *, prepend_bos: bool | None = None) -> list[str]:
+    def to_str_tokens(
+        self, text_or_ids: str | Tensor | list[int], *, prepend_bos: bool | None = None
+    ) -> list[str]:
         """Each token of one sequence as a string."""
-        ids = self.to_tokens(text_or_ids, prepend_bos=prepend_bos)[0] if isinstance(text_or_ids, str) else text_or_ids
+        ids = (
+            self.to_tokens(text_or_ids, prepend_bos=prepend_bos)[0]
+            if isinstance(text_or_ids, str)
+            else text_or_ids
+        )
         if isinstance(ids, Tensor) and ids.ndim == 2:
             if ids.shape[0] != 1:
                 raise ValueError(f"to_str_tokens takes one sequence, got a batch of {ids.shape[0]}")
@@ -262,10 +288,16 @@ class HookedModel:
             ids = input if input.ndim == 2 else input.unsqueeze(0)
             if ids.dtype not in (torch.long, torch.int32, torch.int64):
                 raise TypeError(f"token tensor must hold integer ids, got {ids.dtype}")
-            mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(self.device)
+            mask = (
+                None
+                if attention_mask is None or bool(attention_mask.all())
+                else attention_mask.to(self.device)
+            )
             toks = tokens.Tokens(ids.long().to(self.device), mask)
         else:
-            raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(input).__name__}")
+            raise TypeError(
+                f"input must be a string, a list of strings or a token tensor, got {type(input).__name__}"
+            )
         if toks.ids.shape[1] > self.cfg.n_ctx:
             raise ContextTooLongError(
                 f"{toks.ids.shape[1]} tokens exceed the model's context of {self.cfg.n_ctx}; truncate the input"
@@ -292,12 +324,16 @@ class HookedModel:
 
     forward = __call__
 
-    def run_with_hooks(self, input: ModelInput, fwd_hooks: HookSpec = None, **kwargs: Any) -> Float[Tensor, "batch pos d_vocab"]:
+    def run_with_hooks(
+        self, input: ModelInput, fwd_hooks: HookSpec = None, **kwargs: Any
+    ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits with ``fwd_hooks`` attached for this one call."""
         with self.hooks(fwd_hooks):
             return self(input, **kwargs)
 
-    def _select(self, names: Sequence[str] | Callable[[str], bool] | str | None, stop_at_layer: int | None) -> list[str]:
+    def _select(
+        self, names: Sequence[str] | Callable[[str], bool] | str | None, stop_at_layer: int | None
+    ) -> list[str]:
         if names is None:
             selected = self.hook_names
         elif callable(names):
@@ -414,11 +450,15 @@ class HookedModel:
                 raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
             tensors = list(store.values())
             grads = torch.autograd.grad(value.reshape(()), tensors, allow_unused=True)
-        grad_store = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(store.items(), grads)}
+        grad_store = {
+            n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(store.items(), grads, strict=True)
+        }
         acts = {n: t.detach() for n, t in store.items()}
         return GradRun(value.detach(), ActivationCache(acts, self), ActivationCache(grad_store, self))
 
-    def generate(self, input: str | list[str] | Tensor, *, hooks: HookSpec = None, **kwargs: Any) -> str | list[str]:
+    def generate(
+        self, input: str | list[str] | Tensor, *, hooks: HookSpec = None, **kwargs: Any
+    ) -> str | list[str]:
         """Generate with ``hooks`` active on every step (KV cache on); see :func:`mechscope.models.generate.generate`."""
         from mechscope.models.generate import generate
 

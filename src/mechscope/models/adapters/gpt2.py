@@ -7,8 +7,16 @@ from mechscope.models.adapters.registry import register
 
 
 def tiny_config(**overrides) -> GPT2Config:
-    kw = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=260, initializer_range=0.1,
-        bos_token_id=256, eos_token_id=257, pad_token_id=258,
+    kw = dict(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=128,
+        vocab_size=260,
+        initializer_range=0.1,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
     )
     return GPT2Config(**(kw | overrides))
 

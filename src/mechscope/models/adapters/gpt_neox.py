@@ -8,9 +8,18 @@ from mechscope.models.adapters.registry import register
 
 def tiny_config(**overrides) -> GPTNeoXConfig:
     kw = dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=128, vocab_size=260, rotary_pct=0.5, use_parallel_residual=True,
-        initializer_range=0.1, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        vocab_size=260,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+        initializer_range=0.1,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
     )
     return GPTNeoXConfig(**(kw | overrides))
 
