@@ -11,10 +11,10 @@ from mechscope.models import (
     HookPoint,
     MechscopeError,
     ModelFacts,
+    edits,
     fold_norms,
     load_model,
 )
-from mechscope.models import edits
 
 __all__ = ["ActivationCache", "HookPoint", "HookedModel", "MechscopeError", "ModelFacts", "edits", "fold_norms", "load_model"]
 __version__ = "0.1.0"
