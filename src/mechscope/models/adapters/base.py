@@ -120,6 +120,9 @@ class Adapter:
     mlp_out: str = "mlp"
     """Its output is ``hook_mlp_out``."""
     qkv: Callable[[nn.Module, int, int], QKVViews] = field(default_factory=separate_qkv)
+    q_norm: str | None = None
+    """Per-head norm applied to q after the projection (Gemma 3), for weight-based circuits."""
+    k_norm: str | None = None
 
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_offset: float = 0.0

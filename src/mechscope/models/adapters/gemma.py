@@ -53,4 +53,13 @@ def tiny_gemma3(**overrides) -> Gemma3TextConfig:
 
 
 GEMMA2 = register(Adapter(name="gemma2", model_types=("gemma2",), tiny_config=tiny_gemma2, **_PATHS))
-GEMMA3 = register(Adapter(name="gemma3", model_types=("gemma3_text",), tiny_config=tiny_gemma3, **_PATHS))
+GEMMA3 = register(
+    Adapter(
+        name="gemma3",
+        model_types=("gemma3_text",),
+        tiny_config=tiny_gemma3,
+        q_norm="self_attn.q_norm",
+        k_norm="self_attn.k_norm",
+        **_PATHS,
+    )
+)

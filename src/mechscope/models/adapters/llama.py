@@ -1,4 +1,4 @@
-"""Llama and its look-alikes (Mistral, Qwen2, Qwen3, SmolLM): rotary, RMSNorm, gated SiLU MLP, GQA."""
+"""Llama and its look-alikes (Mistral, Qwen2, SmolLM): rotary, RMSNorm, gated SiLU MLP, GQA."""
 
 from transformers import LlamaConfig
 
@@ -26,7 +26,7 @@ def tiny_config(**overrides) -> LlamaConfig:
 ADAPTER = register(
     Adapter(
         name="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        model_types=("llama", "mistral", "qwen2"),
         tiny_config=tiny_config,
         embed="model.embed_tokens",
         layers="model.layers",

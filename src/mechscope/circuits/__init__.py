@@ -1,0 +1,1 @@
+"""Circuits read off the weights and head behaviour: factored matrices, QK/OV, composition, detectors, logit lens."""

@@ -1,0 +1,88 @@
+"""QK/OV circuits reproduce the model's own scores and outputs; composition equals the dense formula;
+detectors find planted behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechscope as ms
+from mechscope.circuits.composition import MODES, composition_scores
+from mechscope.circuits.head_detectors import DETECTORS, copying_scores, head_scores
+from mechscope.circuits.qk_ov import ov_circuit, positional_qk_circuit, qk_circuit
+from mechscope.models.weights import fold_norms
+
+
+def test_qk_and_ov_circuits_reproduce_single_token_runs(tiny):
+    token, c = 5, tiny.cfg
+    _, cache = tiny.run_with_cache(
+        torch.tensor([[token]]), ["blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_z"]
+    )
+    pos = 0 if c.positional == "learned" else None
+    scores = (
+        qk_circuit(tiny, 0, pos=pos).AB[:, token, token]
+        * tiny.layer(0).get_submodule(tiny.adapter.attn).scaling
+    )
+    if c.attn_softcap:
+        scores = torch.tanh(scores / c.attn_softcap) * c.attn_softcap
+    torch.testing.assert_close(
+        scores, cache["blocks.0.attn.hook_attn_scores"][0, :, 0, 0], atol=1e-5, rtol=1e-5
+    )
+    w = tiny.weights.blocks[0]
+    by_head = torch.einsum("hd,hdm->hm", cache["blocks.0.attn.hook_z"][0, 0], w.W_O) @ tiny.weights.W_U
+    torch.testing.assert_close(ov_circuit(tiny, 0, pos=pos).row(token), by_head, atol=1e-5, rtol=1e-5)
+    assert qk_circuit(tiny, 0, 1).shape == (c.d_vocab, c.d_vocab)
+
+
+def test_bad_circuit_requests_are_clear():
+    model = ms.load_model("tiny-llama")
+    with pytest.raises(ValueError, match="rotary positions"):
+        positional_qk_circuit(model, 0)
+    with pytest.raises(IndexError, match="head 9 is out of range"):
+        qk_circuit(model, 0, 9)
+    with pytest.raises(IndexError, match="layer 5 is out of range"):
+        ov_circuit(model, 5)
+    gpt2 = ms.load_model("tiny-gpt2")
+    assert positional_qk_circuit(gpt2, 1, 0).shape == (gpt2.cfg.n_ctx, gpt2.cfg.n_ctx)
+
+
+def test_composition_scores_equal_the_dense_definition(tiny):
+    result = composition_scores(tiny)
+    blocks = fold_norms(tiny.weights).blocks
+    la, ha, lb, hb = 0, 1, 1, 2
+    ov_a = blocks[la].W_V[ha] @ blocks[la].W_O[ha]
+    reads = {
+        "Q": blocks[lb].W_Q[hb] @ blocks[lb].W_K[hb].T,
+        "K": (blocks[lb].W_Q[hb] @ blocks[lb].W_K[hb].T).T,
+        "V": blocks[lb].W_V[hb] @ blocks[lb].W_O[hb],
+    }
+    for i, mode in enumerate(MODES):
+        fro = torch.linalg.matrix_norm
+        expected = fro(ov_a @ reads[mode]) / (fro(ov_a) * fro(reads[mode]))
+        torch.testing.assert_close(result.scores[i, la, ha, lb, hb], expected.float(), atol=1e-5, rtol=1e-4)
+    assert torch.isnan(result.scores[:, 1, :, 0]).all()  # only later layers compose
+    assert 0 < result.baseline[0] < 1 and len(result.top("K", 3)) == 3
+
+
+def test_detectors_find_a_planted_previous_token_head():
+    model = ms.load_model("tiny-llama")
+    n = 2 * 16 + 1
+    prev = torch.zeros(n, n)
+    prev[torch.arange(1, n), torch.arange(n - 1)] = 1
+    prev[0, 0] = 1
+    with model.hooks({"blocks.1.attn.hook_pattern": ms.edits.replace(prev, head=3)}):
+        scores = head_scores(model, seq_len=16, batch=2)
+    assert set(scores) == set(DETECTORS)
+    assert scores["previous_token"][1, 3] == pytest.approx(1.0)
+    assert scores["previous_token"][1, 3] > scores["previous_token"].flatten().sort().values[-2]
+    assert scores["induction"].shape == (model.cfg.n_layers, model.cfg.n_heads)
+
+
+def test_copying_score_equals_the_dense_eigenvalue_fraction():
+    model = ms.load_model("tiny-gpt2")
+    copy = copying_scores(model)
+    dense = ov_circuit(model, 1, 2).AB.double()  # 259 x 259 on the tiny vocabulary
+    eig = torch.linalg.eigvals(dense)
+    expected = eig.sum().real / eig.abs().sum()
+    assert copy.shape == (2, 4)
+    assert copy[1, 2].item() == pytest.approx(expected.item(), abs=1e-4)
