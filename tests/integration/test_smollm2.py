@@ -70,3 +70,29 @@ def test_steering_generate_changes_the_text_and_is_removed(smollm2):
     assert steered != plain and steered.startswith(prompt)
     assert smollm2.generate(prompt, max_new_tokens=12) == plain
     assert no_torch_hooks(smollm2)
+
+
+def test_real_heads_previous_token_and_induction(smollm2):
+    """Findings on SmolLM2-135M (documented in docs/findings.md): strong previous-token and
+    induction heads exist, and the best previous-token head K-composes with an induction head."""
+    from mechscope.circuits.head_detectors import head_scores
+
+    scores = head_scores(smollm2, seq_len=32, batch=4)
+    assert scores["previous_token"].max() > 0.7
+    assert scores["induction"].max() > 0.7
+    prev = scores["previous_token"].flatten().argmax().item()
+    ind = scores["induction"].flatten().argmax().item()
+    assert prev // 9 < ind // 9  # the previous-token head sits below the induction head
+
+
+def test_mlp_neurons_are_a_more_privileged_basis_than_the_residual(smollm2):
+    from mechscope.circuits.privileged_basis import basis_alignment
+
+    text = [
+        "The Eiffel Tower is in the city of Paris, which is the capital of France.",
+        "Shakespeare wrote plays and sonnets in London.",
+        "def f(x):\n    return x + 1",
+        "In 1969, astronauts landed on the Moon for the first time.",
+    ]
+    resid, neurons = basis_alignment(smollm2, text, ["blocks.20.hook_resid_mid", "blocks.20.mlp.hook_post"])
+    assert neurons.privilege > 2.0 and neurons.privilege > resid.privilege + 2.0

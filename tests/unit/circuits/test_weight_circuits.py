@@ -86,3 +86,14 @@ def test_copying_score_equals_the_dense_eigenvalue_fraction():
     expected = eig.sum().real / eig.abs().sum()
     assert copy.shape == (2, 4)
     assert copy[1, 2].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_kurtosis_sees_a_heavy_tailed_basis_and_rotation_hides_it():
+    from mechscope.circuits.privileged_basis import excess_kurtosis
+
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.randn(4000, 16, generator=g) * (torch.rand(4000, 16, generator=g) < 0.05)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert excess_kurtosis(sparse).mean() > 10
+    assert excess_kurtosis(sparse @ rotation).mean() < excess_kurtosis(sparse).mean() / 3
+    assert abs(excess_kurtosis(torch.randn(20000, 4, generator=g)).mean()) < 0.2
