@@ -1,8 +1,8 @@
 """mechscope: mechanistic interpretability of transformer language models.
 
-    import mechscope as ms
-    model = ms.load_model("smollm2-135m")
-    logits, cache = model.run_with_cache("The Eiffel Tower is in the city of")
+import mechscope as ms
+model = ms.load_model("smollm2-135m")
+logits, cache = model.run_with_cache("The Eiffel Tower is in the city of")
 """
 
 from mechscope.models import (
@@ -16,5 +16,14 @@ from mechscope.models import (
     load_model,
 )
 
-__all__ = ["ActivationCache", "HookPoint", "HookedModel", "MechscopeError", "ModelFacts", "edits", "fold_norms", "load_model"]
+__all__ = [
+    "ActivationCache",
+    "HookPoint",
+    "HookedModel",
+    "MechscopeError",
+    "ModelFacts",
+    "edits",
+    "fold_norms",
+    "load_model",
+]
 __version__ = "0.1.0"

@@ -58,6 +58,15 @@ HF = {
     ),
 }
 HF["gemma3"] = HF["gemma2"]
+HF["attn_only"] = dict(
+    layers="transformer.h",
+    o_proj="attn.o_proj",
+    attn_out="attn",
+    q="attn.q_proj",
+    k="attn.k_proj",
+    v="attn.v_proj",
+    ln1="ln_1",
+)
 
 # Attention variants beyond each family's default tiny config: MHA / MQA / GQA, and look-alike families.
 VARIANTS = [(name, {}) for name in sorted(adapters())] + [
@@ -165,8 +174,8 @@ def test_every_hook_point_has_tl_shape(model):
 
 @pytest.mark.parametrize("point", ["hook_resid_pre", "hook_resid_mid"])
 def test_transplanting_the_residual_gives_the_donor_logits_exactly(model, point):
-    if point == "hook_resid_mid" and model.cfg.parallel:
-        pytest.skip("parallel attention+MLP has no resid_mid")
+    if f"blocks.1.{point}" not in model.hook_names:
+        pytest.skip("no resid_mid: parallel attention+MLP, or attention-only")
     a, b = random_tokens(model, seed=1), random_tokens(model, seed=2)
     name = f"blocks.1.{point}"
     logits_b, cache_b = model.run_with_cache(b, [name])
@@ -200,6 +209,8 @@ def test_z_head_edit_equals_editing_the_output_projection_input(model):
     ],
 )
 def test_sublayer_edits_equal_plain_torch_hooks(model, point, key, kind):
+    if key not in HF[model.cfg.family]:
+        pytest.skip("attention-only: no MLP")
     tokens = random_tokens(model)
     g = torch.Generator().manual_seed(3)
     size = model.cfg.d_mlp if point.startswith("mlp.") else model.cfg.d_model
@@ -234,7 +245,7 @@ def _kv_proj_edit(model, which: str, kv_head: int, factor: float):
         out[..., kv_head * d : (kv_head + 1) * d] *= factor
         return out
 
-    if fam in ("llama", "gemma2", "gemma3"):
+    if "v" in HF[fam]:  # separate q/k/v projections
         return hf(model, 0, which), on_separate
     if fam == "gpt2":
         offset = {"q": 0, "k": 1, "v": 2}[which] * c.d_model
@@ -274,7 +285,7 @@ def test_qkv_edits_equal_editing_the_projection(model, which):
 
 def test_pattern_replacement_equals_mixing_values_by_hand(model):
     """Replacing a head's pattern with P must make its z equal P @ v, computed from the HF modules."""
-    if model.cfg.family not in ("llama", "gemma2", "gemma3"):
+    if "v" not in HF[model.cfg.family]:
         pytest.skip("the by-hand value computation below is written for separate v projections")
     tokens, c, h = random_tokens(model, batch=1, pos=6), model.cfg, 2
     n_rep = c.n_heads // c.n_kv_heads

@@ -12,8 +12,8 @@ def test_names_select_what_is_cached(tiny):
     tokens = random_tokens(tiny)
     _, by_list = tiny.run_with_cache(tokens, ["blocks.0.hook_resid_post", "hook_embed"])
     assert set(by_list) == {"blocks.0.hook_resid_post", "hook_embed"}
-    _, by_filter = tiny.run_with_cache(tokens, lambda n: n.endswith("hook_mlp_out"))
-    assert set(by_filter) == {f"blocks.{i}.hook_mlp_out" for i in range(tiny.cfg.n_layers)}
+    _, by_filter = tiny.run_with_cache(tokens, lambda n: n.endswith("hook_attn_out"))
+    assert set(by_filter) == {f"blocks.{i}.hook_attn_out" for i in range(tiny.cfg.n_layers)}
     assert no_torch_hooks(tiny)
 
 
@@ -43,7 +43,7 @@ def test_decomposition_sums_to_the_residual(tiny):
     _, cache = tiny.run_with_cache(random_tokens(tiny))
     n = tiny.cfg.n_layers
     stack, labels = cache.decompose_resid(return_labels=True)
-    assert labels[0] == "embed" and labels[-1] == f"{n - 1}_mlp_out"
+    assert labels[0] == "embed" and labels[-1] == f"{n - 1}_{'mlp' if tiny.cfg.has_mlp else 'attn'}_out"
     torch.testing.assert_close(stack.sum(0), cache[f"blocks.{n - 1}.hook_resid_post"], atol=1e-5, rtol=1e-5)
     mid = cache.decompose_resid(1).sum(0)
     torch.testing.assert_close(mid, cache["blocks.1.hook_resid_pre"], atol=1e-5, rtol=1e-5)

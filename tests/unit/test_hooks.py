@@ -22,7 +22,7 @@ def test_hooks_nest_and_are_removed_even_on_error(tiny):
         raise RuntimeError("inside a hook")
 
     with pytest.raises(RuntimeError, match="inside a hook"):
-        with tiny.hooks({"blocks.0.attn.hook_pattern": boom, "blocks.1.hook_mlp_out": lambda x, h: None}):
+        with tiny.hooks({"blocks.0.attn.hook_pattern": boom, "blocks.1.hook_attn_out": lambda x, h: None}):
             tiny(tokens)
     assert no_torch_hooks(tiny)
     assert tiny.hf_model.config._attn_implementation != "mechscope"
@@ -31,7 +31,7 @@ def test_hooks_nest_and_are_removed_even_on_error(tiny):
 def test_unknown_hook_name_lists_close_names_and_attaches_nothing(tiny):
     with pytest.raises(ms.models.UnknownHookError, match="blocks.0.hook_resid_post"):
         with tiny.hooks(
-            {"blocks.0.hook_mlp_out": lambda x, h: None, "blocks.0.hook_resid_pots": lambda x, h: None}
+            {"blocks.0.hook_attn_out": lambda x, h: None, "blocks.0.hook_resid_pots": lambda x, h: None}
         ):
             pass
     assert no_torch_hooks(tiny)
@@ -40,9 +40,9 @@ def test_unknown_hook_name_lists_close_names_and_attaches_nothing(tiny):
 def test_wrong_shape_or_dtype_names_the_hook_and_both_shapes(tiny):
     tokens = random_tokens(tiny, batch=2, pos=5)
     with pytest.raises(
-        ms.models.HookReturnError, match=r"blocks\.0\.hook_mlp_out.*\(2, 5, 3\).*\(2, 5, 64\)"
+        ms.models.HookReturnError, match=r"blocks\.0\.hook_attn_out.*\(2, 5, 3\).*\(2, 5, 64\)"
     ):
-        with tiny.hooks({"blocks.0.hook_mlp_out": lambda x, h: x[..., :3]}):
+        with tiny.hooks({"blocks.0.hook_attn_out": lambda x, h: x[..., :3]}):
             tiny(tokens)
     with pytest.raises(ms.models.HookReturnError, match="float16"):
         tiny.run_with_hooks(tokens, {"blocks.0.attn.hook_pattern": lambda x, h: x.half()})
@@ -55,10 +55,10 @@ def test_predicate_names_and_raw_module_paths(tiny):
     with tiny.hooks({lambda n: n.endswith("hook_resid_pre"): lambda x, h: seen.append(h.name)}):
         tiny(tokens)
     assert seen == [f"blocks.{i}.hook_resid_pre" for i in range(tiny.cfg.n_layers)]
-    path = f"{tiny.adapter.layers}.0.{tiny.adapter.mlp}"
-    _, cache = tiny.run_with_cache(tokens, [path, "blocks.0.hook_mlp_out"])
+    path = f"{tiny.adapter.layers}.0.{tiny.adapter.attn}"
+    _, cache = tiny.run_with_cache(tokens, [path, "blocks.0.hook_attn_out"])
     if not tiny.cfg.post_norms:
-        torch.testing.assert_close(cache[path], cache["blocks.0.hook_mlp_out"])
+        torch.testing.assert_close(cache[path], cache["blocks.0.hook_attn_out"])
 
 
 def test_add_hook_and_reset(tiny):
@@ -79,6 +79,8 @@ def _seen_after(model, tokens, name, edit):
 
 
 def test_edits_select_positions_heads_and_neurons(tiny):
+    if not tiny.cfg.has_mlp:
+        pytest.skip("attention-only: no neurons")
     tokens = random_tokens(tiny, batch=1, pos=6)
     _, cache = tiny.run_with_cache(tokens, ["blocks.0.mlp.hook_post", "blocks.0.attn.hook_z"])
     post, z = cache["blocks.0.mlp.hook_post"], cache["blocks.0.attn.hook_z"]

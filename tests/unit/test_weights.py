@@ -16,9 +16,14 @@ def test_weight_views_share_storage_with_the_model(tiny):
         c.d_model,
         c.d_head,
     )
-    assert w.W_in.shape == (c.d_model, c.d_mlp) and w.W_out.shape == (c.d_mlp, c.d_model)
     params = {p.untyped_storage().data_ptr() for p in tiny.hf_model.parameters()}
-    for t in (w.W_Q, w.W_K_kv, w.W_V_kv, w.W_O, w.W_in, w.W_out, tiny.weights.W_E, tiny.weights.W_U):
+    views = [w.W_Q, w.W_K_kv, w.W_V_kv, w.W_O, tiny.weights.W_E, tiny.weights.W_U]
+    if c.has_mlp:
+        assert w.W_in.shape == (c.d_model, c.d_mlp) and w.W_out.shape == (c.d_mlp, c.d_model)
+        views += [w.W_in, w.W_out]
+    else:
+        assert w.W_in is None and w.ln2_w is None
+    for t in views:
         assert t.untyped_storage().data_ptr() in params
     assert tiny.weights.W_Q.shape == (c.n_layers, c.n_heads, c.d_model, c.d_head)
 
@@ -28,22 +33,27 @@ def test_weights_rebuild_the_model_computation(tiny):
         "blocks.0.ln1.hook_normalized",
         "blocks.0.attn.hook_v",
         "blocks.0.attn.hook_z",
-        "blocks.0.ln2.hook_normalized",
-        "blocks.0.mlp.hook_pre",
-        "blocks.0.mlp.hook_post",
-        "blocks.0.hook_mlp_out",
         "blocks.0.hook_attn_out",
     ]
+    if tiny.cfg.has_mlp:
+        names += [
+            "blocks.0.ln2.hook_normalized",
+            "blocks.0.mlp.hook_pre",
+            "blocks.0.mlp.hook_post",
+            "blocks.0.hook_mlp_out",
+        ]
     _, cache = tiny.run_with_cache(random_tokens(tiny), names)
     w = tiny.weights.blocks[0]
     x = cache["blocks.0.ln1.hook_normalized"]
     v = torch.einsum("bpm,hmd->bphd", x, w.W_V) + w.b_V
     torch.testing.assert_close(v, cache["blocks.0.attn.hook_v"], atol=1e-5, rtol=1e-5)
-    pre = cache["blocks.0.ln2.hook_normalized"] @ (w.W_gate if w.W_gate is not None else w.W_in) + w.b_in
-    torch.testing.assert_close(pre, cache["blocks.0.mlp.hook_pre"], atol=1e-5, rtol=1e-5)
-    if not tiny.cfg.post_norms:
+    if tiny.cfg.has_mlp:
+        pre = cache["blocks.0.ln2.hook_normalized"] @ (w.W_gate if w.W_gate is not None else w.W_in) + w.b_in
+        torch.testing.assert_close(pre, cache["blocks.0.mlp.hook_pre"], atol=1e-5, rtol=1e-5)
+    if tiny.cfg.has_mlp and not tiny.cfg.post_norms:
         out = cache["blocks.0.mlp.hook_post"] @ w.W_out + w.b_out
         torch.testing.assert_close(out, cache["blocks.0.hook_mlp_out"], atol=1e-5, rtol=1e-5)
+    if not tiny.cfg.post_norms:
         attn = torch.einsum("bphd,hdm->bpm", cache["blocks.0.attn.hook_z"], w.W_O) + w.b_O
         torch.testing.assert_close(attn, cache["blocks.0.hook_attn_out"], atol=1e-5, rtol=1e-5)
 

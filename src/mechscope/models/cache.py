@@ -118,7 +118,7 @@ class ActivationCache:
         for i in range(layer):
             parts.append(self[f"blocks.{i}.hook_resid_pre"])
             labels.append(f"{i}_pre")
-            if incl_mid and not self.model.cfg.parallel:
+            if incl_mid and f"blocks.{i}.hook_resid_mid" in self.model.hook_names:
                 parts.append(self[f"blocks.{i}.hook_resid_mid"])
                 labels.append(f"{i}_mid")
         parts.append(self._resid_at(layer))
@@ -156,7 +156,7 @@ class ActivationCache:
                 parts.append(self["hook_pos_embed"].expand_as(self["hook_embed"]))  # [1 pos d_model] in HF
                 labels.append("pos_embed")
         for i in range(layer):
-            for kind in ("attn", "mlp"):
+            for kind in ("attn", "mlp") if self.model.cfg.has_mlp else ("attn",):
                 if mode in ("all", kind):
                     parts.append(self[f"blocks.{i}.hook_{kind}_out"])
                     labels.append(f"{i}_{kind}_out")

@@ -28,10 +28,12 @@ class ModelFacts:
     n_ctx: int
     """Longest context the model accepts."""
     positional: str
-    """``learned`` (a position embedding added to the residual) or ``rotary``."""
+    """``learned`` (a position embedding added to the residual), ``rotary``, or ``none``."""
     parallel: bool
     """Attention and MLP both read ``resid_pre`` (no ``resid_mid``)."""
     gated_mlp: bool
+    has_mlp: bool
+    """False for attention-only models."""
     norm: str
     """``layernorm`` or ``rmsnorm``."""
     post_norms: bool
@@ -45,7 +47,7 @@ class ModelFacts:
     embed_scale: float
 
     @classmethod
-    def from_hf(cls, config: PretrainedConfig, adapter: Adapter) -> ModelFacts:
+    def from_hf(cls, config: PretrainedConfig, adapter: Adapter, *, learned_pos: bool) -> ModelFacts:
         n_heads = config.num_attention_heads
         d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         act = next(
@@ -65,12 +67,13 @@ class ModelFacts:
             n_heads=n_heads,
             n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
             d_head=d_head,
-            d_mlp=adapter.d_mlp(config),
+            d_mlp=adapter.d_mlp(config) if adapter.has_mlp else 0,
             d_vocab=config.vocab_size,
             n_ctx=config.max_position_embeddings,
-            positional="learned" if adapter.pos_embed else "rotary",
+            positional="learned" if learned_pos else ("rotary" if _has_rope(config) else "none"),
             parallel=bool(adapter.parallel(config)),
             gated_mlp=adapter.gated,
+            has_mlp=adapter.has_mlp,
             norm=adapter.norm,
             post_norms=adapter.attn_out != adapter.attn,
             act_fn=str(act),
@@ -83,3 +86,9 @@ class ModelFacts:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _has_rope(config: PretrainedConfig) -> bool:
+    return any(
+        getattr(config, a, None) for a in ("rope_parameters", "rope_theta", "rope_scaling", "rotary_pct")
+    )

@@ -41,19 +41,36 @@ ALIASES: dict[str, str] = {"logits": "unembed.hook_out"}
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def layer_points(*, parallel: bool, gated: bool) -> tuple[str, ...]:
-    """The per-layer points a family has: no ``resid_mid`` in parallel blocks, ``pre_linear`` only if gated."""
+_MLP_POINTS = {
+    "hook_resid_mid",
+    "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+    "hook_mlp_out",
+}
+
+
+def layer_points(*, parallel: bool, gated: bool, has_mlp: bool = True) -> tuple[str, ...]:
+    """The per-layer points a family has: no ``resid_mid`` in parallel blocks, ``pre_linear`` only if
+    gated, and no MLP points at all in attention-only models."""
     skip = {"hook_resid_mid"} if parallel else set()
     if not gated:
         skip.add("mlp.hook_pre_linear")
+    if not has_mlp:
+        skip |= _MLP_POINTS
     return tuple(p for p in LAYER_POINTS if p not in skip)
 
 
-def all_hook_names(n_layers: int, *, parallel: bool, gated: bool, learned_pos: bool) -> list[str]:
+def all_hook_names(
+    n_layers: int, *, parallel: bool, gated: bool, learned_pos: bool, has_mlp: bool = True
+) -> list[str]:
     """Every canonical hook name of a model, in forward order."""
     names = ["hook_embed"] + (["hook_pos_embed"] if learned_pos else [])
     for layer in range(n_layers):
-        names += [f"blocks.{layer}.{p}" for p in layer_points(parallel=parallel, gated=gated)]
+        names += [
+            f"blocks.{layer}.{p}" for p in layer_points(parallel=parallel, gated=gated, has_mlp=has_mlp)
+        ]
     return names + ["ln_final.hook_normalized", "unembed.hook_out"]
 
 

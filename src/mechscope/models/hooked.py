@@ -37,6 +37,13 @@ NameSpec = str | Callable[[str], bool]
 HookSpec = Mapping[NameSpec, HookFn] | Sequence[tuple[NameSpec, HookFn]] | None
 
 
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        return root.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
 class _StopForward(Exception):
     def __init__(self, resid: Tensor):
         self.resid = resid
@@ -72,7 +79,9 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name or getattr(hf_model.config, "name_or_path", "")
-        self.cfg = ModelFacts.from_hf(hf_model.config, adapter)
+        pos = adapter.pos_embed
+        self._pos_embed = pos if pos and _has_submodule(hf_model, pos) else None
+        self.cfg = ModelFacts.from_hf(hf_model.config, adapter, learned_pos=self._pos_embed is not None)
         self.prepend_bos = tokens.default_prepend_bos(tokenizer, adapter.prepend_bos)
         self._attn_impl = hf_model.config._attn_implementation
         self._eager_users = 0
@@ -124,13 +133,13 @@ class HookedModel:
     def _build_points(self) -> dict[str, HookPoint]:
         a, c = self.adapter, self.cfg
         points: dict[str, HookPoint] = {"hook_embed": OutputPoint("hook_embed", None, self.module(a.embed))}
-        if a.pos_embed:
-            points["hook_pos_embed"] = OutputPoint("hook_pos_embed", None, self.module(a.pos_embed))
+        if self._pos_embed:
+            points["hook_pos_embed"] = OutputPoint("hook_pos_embed", None, self.module(self._pos_embed))
 
         for i in range(c.n_layers):
             layer = self.layer(i)
             make = self._layer_point_makers(i, layer)
-            for p in layer_points(parallel=c.parallel, gated=c.gated_mlp):
+            for p in layer_points(parallel=c.parallel, gated=c.gated_mlp, has_mlp=c.has_mlp):
                 points[f"blocks.{i}.{p}"] = make[p](f"blocks.{i}.{p}")
             attention.bind(
                 get_module(layer, a.attn),
@@ -143,7 +152,11 @@ class HookedModel:
         )
         points["unembed.hook_out"] = OutputPoint("unembed.hook_out", None, self.module(a.unembed))
         expected = all_hook_names(
-            c.n_layers, parallel=c.parallel, gated=c.gated_mlp, learned_pos=bool(a.pos_embed)
+            c.n_layers,
+            parallel=c.parallel,
+            gated=c.gated_mlp,
+            learned_pos=self._pos_embed is not None,
+            has_mlp=c.has_mlp,
         )
         assert list(points) == expected, "hook_names grammar and HookedModel disagree"
         return points

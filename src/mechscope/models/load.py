@@ -10,6 +10,8 @@ never mistaken for a finished one.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 import logging
 import os
 import shutil
@@ -86,8 +88,20 @@ def _load_hf(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 
 def _from_pretrained(where: str | Path, **kw) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _import_hf_classes(where)
     model = AutoModelForCausalLM.from_pretrained(where, **kw)
     return model, AutoTokenizer.from_pretrained(where, **kw)
+
+
+def _import_hf_classes(where: str | Path) -> None:
+    """Import the module that registers a family's HF classes (e.g. mechscope's own toy models)."""
+    config = Path(where) / "config.json"
+    if not config.is_file():
+        return
+    model_type = json.loads(config.read_text()).get("model_type")
+    for adapter in adapters().values():
+        if model_type in adapter.model_types and adapter.hf_module:
+            importlib.import_module(adapter.hf_module)
 
 
 def _tiny(family: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -44,15 +44,16 @@ class LayerWeights:
     b_V: Float[Tensor, "n_heads d_head"]
     W_O: Float[Tensor, "n_heads d_head d_model"]
     b_O: Float[Tensor, " d_model"]
-    W_in: Float[Tensor, "d_model d_mlp"]
-    b_in: Float[Tensor, " d_mlp"]
-    W_gate: Float[Tensor, "d_model d_mlp"] | None
-    W_out: Float[Tensor, "d_mlp d_model"]
-    b_out: Float[Tensor, " d_model"]
     ln1_w: Float[Tensor, " d_model"]
     ln1_b: Float[Tensor, " d_model"] | None
-    ln2_w: Float[Tensor, " d_model"]
-    ln2_b: Float[Tensor, " d_model"] | None
+    # MLP weights: None in attention-only models (W_gate also in non-gated MLPs).
+    W_in: Float[Tensor, "d_model d_mlp"] | None = None
+    b_in: Float[Tensor, " d_mlp"] | None = None
+    W_gate: Float[Tensor, "d_model d_mlp"] | None = None
+    W_out: Float[Tensor, "d_mlp d_model"] | None = None
+    b_out: Float[Tensor, " d_model"] | None = None
+    ln2_w: Float[Tensor, " d_model"] | None = None
+    ln2_b: Float[Tensor, " d_model"] | None = None
 
 
 def _bias(module, *shape: int, like: Tensor) -> Tensor:
@@ -72,10 +73,7 @@ def _layer_weights(model: HookedModel, index: int) -> LayerWeights:
     W_Q, W_K_kv, W_V_kv = (w.permute(1, 0, 2) for w in (wq, wk, wv))  # [heads d_model d_head]
     zeros = lambda n: torch.zeros(n, c.d_head, dtype=W_Q.dtype, device=W_Q.device)  # noqa: E731
     n_rep = c.n_heads // c.n_kv_heads
-    o_proj = sub(a.o_proj)
-    mlp_in, mlp_out = sub(a.mlp_in), sub(a.mlp_out_proj)
-    up = sub(a.mlp_in_linear) if a.mlp_in_linear else mlp_in
-    ln1, ln2 = sub(a.ln1), sub(a.ln2)
+    o_proj, ln1 = sub(a.o_proj), sub(a.ln1)
     return LayerWeights(
         W_Q=W_Q,
         W_K=_per_query_head(W_K_kv, n_rep),
@@ -87,13 +85,24 @@ def _layer_weights(model: HookedModel, index: int) -> LayerWeights:
         b_V=_per_query_head(zeros(c.n_kv_heads) if bv is None else bv, n_rep),
         W_O=in_out(o_proj).unflatten(0, (c.n_heads, c.d_head)),
         b_O=_bias(o_proj, c.d_model, like=W_Q),
-        W_in=in_out(up),
-        b_in=_bias(up, c.d_mlp, like=W_Q),
-        W_gate=in_out(mlp_in) if a.gated else None,
-        W_out=in_out(mlp_out),
-        b_out=_bias(mlp_out, c.d_model, like=W_Q),
         ln1_w=a.norm_weight(ln1),
         ln1_b=getattr(ln1, "bias", None),
+        **(_mlp_weights(model, layer) if a.has_mlp else {}),
+    )
+
+
+def _mlp_weights(model: HookedModel, layer) -> dict[str, Tensor | None]:
+    a, c = model.adapter, model.cfg
+    sub = lambda path: get_module(layer, path)  # noqa: E731
+    mlp_in, mlp_out, ln2 = sub(a.mlp_in), sub(a.mlp_out_proj), sub(a.ln2)
+    up = sub(a.mlp_in_linear) if a.gated else mlp_in
+    like = mlp_out.weight
+    return dict(
+        W_in=in_out(up),
+        b_in=_bias(up, c.d_mlp, like=like),
+        W_gate=in_out(mlp_in) if a.gated else None,
+        W_out=in_out(mlp_out),
+        b_out=_bias(mlp_out, c.d_model, like=like),
         ln2_w=a.norm_weight(ln2),
         ln2_b=getattr(ln2, "bias", None),
     )
@@ -116,8 +125,8 @@ class Weights:
 
     @property
     def W_pos(self) -> Float[Tensor, "n_ctx d_model"] | None:
-        a = self.model.adapter
-        return self.model.module(a.pos_embed).weight if a.pos_embed else None
+        pos = self.model._pos_embed
+        return self.model.module(pos).weight if pos else None
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
@@ -179,8 +188,19 @@ def fold_norms(weights: Weights) -> FoldedWeights:
         W_V, b_V = fold(lw.W_V, lw.b_V, lw.ln1_w, lw.ln1_b, True)
         W_K_kv, _ = fold(lw.W_K_kv, lw.W_K_kv[:, 0], lw.ln1_w, None, True)
         W_V_kv, _ = fold(lw.W_V_kv, lw.W_V_kv[:, 0], lw.ln1_w, None, True)
-        W_in, b_in = fold(lw.W_in, lw.b_in, lw.ln2_w, lw.ln2_b, False)
-        W_gate = None if lw.W_gate is None else fold(lw.W_gate, lw.b_in, lw.ln2_w, None, False)[0]
+        mlp = {}
+        if lw.W_in is not None:
+            W_in, b_in = fold(lw.W_in, lw.b_in, lw.ln2_w, lw.ln2_b, False)
+            W_gate = None if lw.W_gate is None else fold(lw.W_gate, lw.b_in, lw.ln2_w, None, False)[0]
+            mlp = dict(
+                W_in=W_in,
+                b_in=b_in,
+                W_gate=W_gate,
+                ln2_w=torch.ones_like(lw.ln2_w),
+                ln2_b=None,
+                W_out=lw.W_out.clone(),
+                b_out=lw.b_out.clone(),
+            )
         ones = torch.ones_like(lw.ln1_w)
         blocks.append(
             replace(
@@ -193,17 +213,11 @@ def fold_norms(weights: Weights) -> FoldedWeights:
                 b_V=b_V,
                 W_K_kv=W_K_kv,
                 W_V_kv=W_V_kv,
-                W_in=W_in,
-                b_in=b_in,
-                W_gate=W_gate,
                 ln1_w=ones,
                 ln1_b=None,
-                ln2_w=ones,
-                ln2_b=None,
                 W_O=lw.W_O.clone(),
                 b_O=lw.b_O.clone(),
-                W_out=lw.W_out.clone(),
-                b_out=lw.b_out.clone(),
+                **mlp,
             )
         )
     W_U, b_U = fold(weights.W_U, weights.b_U, weights.ln_final_w, weights.ln_final_b, False)

@@ -108,7 +108,8 @@ class Adapter:
     attn: str = "self_attn"
     o_proj: str = "self_attn.o_proj"
     ln2: str = "post_attention_layernorm"
-    mlp: str = "mlp"
+    mlp: str | None = "mlp"
+    """None for attention-only models: then no MLP, ``ln2`` or ``resid_mid`` points exist."""
     mlp_in: str = "mlp.gate_proj"
     """Its output is ``mlp.hook_pre`` (the gate pre-activation in gated MLPs, as in TransformerLens)."""
     mlp_in_linear: str | None = "mlp.up_proj"
@@ -132,12 +133,18 @@ class Adapter:
     d_mlp: Callable[[PretrainedConfig], int] = lambda config: config.intermediate_size
     embed_scale: Callable[[PretrainedConfig], float] = lambda config: 1.0
     """Factor the embedding module multiplies its output by (Gemma: ``sqrt(d_model)``)."""
+    hf_module: str | None = None
+    """A module to import before loading, for families whose HF classes register on import."""
     prepend_bos: bool | None = None
     """Default BOS policy; None follows the tokenizer's own ``add_special_tokens`` behaviour."""
 
     @property
     def gated(self) -> bool:
-        return self.mlp_in_linear is not None
+        return self.has_mlp and self.mlp_in_linear is not None
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.mlp is not None
 
     def norm_weight(self, module: nn.Module) -> Tensor:
         """The effective multiplicative weight of a norm module ``[d_model]``."""
