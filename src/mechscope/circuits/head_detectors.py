@@ -27,12 +27,15 @@ DETECTORS = ("previous_token", "duplicate_token", "induction")
 
 
 def repeated_tokens(
-    model: HookedModel, seq_len: int = 32, batch: int = 8, seed: int = 0
+    model: HookedModel, seq_len: int = 32, batch: int = 8, seed: int = 0, vocab: Tensor | None = None
 ) -> Int[Tensor, "batch pos"]:
-    """``[BOS] r r`` with ``r`` uniformly random ordinary tokens (special tokens excluded)."""
+    """``[BOS] r r`` with ``r`` uniformly random tokens from ``vocab`` (default: every non-special token)."""
     g = torch.Generator().manual_seed(seed)
-    special = set(model.tokenizer.all_special_ids)
-    vocab = torch.tensor([i for i in range(min(model.cfg.d_vocab, len(model.tokenizer))) if i not in special])
+    if vocab is None:
+        special = set(model.tokenizer.all_special_ids)
+        vocab = torch.tensor(
+            [i for i in range(min(model.cfg.d_vocab, len(model.tokenizer))) if i not in special]
+        )
     r = vocab[torch.randint(len(vocab), (batch, seq_len), generator=g)]
     parts = [r, r]
     bos = model.tokenizer.bos_token_id
@@ -43,10 +46,14 @@ def repeated_tokens(
 
 @torch.no_grad()
 def head_scores(
-    model: HookedModel, seq_len: int = 32, batch: int = 8, seed: int = 0
+    model: HookedModel, seq_len: int = 32, batch: int = 8, seed: int = 0, vocab: Tensor | None = None
 ) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
-    """Every detector's score for every head, from one run on repeated random tokens."""
-    tokens = repeated_tokens(model, seq_len, batch, seed)
+    """Every detector's score for every head, from one run on repeated random tokens.
+
+    ``vocab`` restricts the random tokens (e.g. to the bytes a byte-level toy model was trained
+    on: tokens it never saw say nothing about its heads).
+    """
+    tokens = repeated_tokens(model, seq_len, batch, seed, vocab)
     offset = tokens.shape[1] - 2 * seq_len  # 1 with a BOS
     _, cache = model.run_with_cache(tokens, lambda n: n.endswith("hook_pattern"))
     pattern = cache.stack("attn.hook_pattern").float()  # [layer batch head q_pos k_pos]
