@@ -48,7 +48,7 @@ def test_skip_trigrams_come_from_the_circuits():
 
 def test_training_lowers_the_loss_records_history_and_saves(tmp_path):
     cfg = AttnOnlyTrainConfig(
-        n_layers=2, d_model=32, n_heads=2, n_ctx=64, steps=60, eval_every=30, batch_size=8
+        n_layers=2, d_model=32, n_heads=2, n_ctx=64, steps=60, eval_every=30, batch_size=8, lr=1e-2, warmup=10
     )
     text = "the cat sat on the mat. " * 400
     model, history = train_attn_only(cfg, text=text, out_dir=tmp_path / "run")
