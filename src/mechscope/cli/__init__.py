@@ -1,0 +1,1 @@
+"""The ``mechscope`` command: the only place that parses argv or prints."""

@@ -1,0 +1,349 @@
+"""``mechscope``: models, info, lens, heads and the toy-model lab from the command line.
+
+Every command that prints results takes ``--json`` for scripts. Choices come from the registries
+(model aliases, adapter families), never from a hand-kept list.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Mechanistic interpretability of transformer language models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+toy_app = typer.Typer(
+    help="The toy-model lab: superposition and attention-only transformers.", no_args_is_help=True
+)
+app.add_typer(toy_app, name="toy")
+console = Console()
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def _friendly(fn):
+    """Turn mechscope's own errors into one red line and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mechscope.models.errors import MechscopeError
+
+        try:
+            return fn(*args, **kwargs)
+        except (MechscopeError, FileNotFoundError, ValueError, IndexError) as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(name: str):
+    import mechscope as ms
+    from mechscope.models.sources import SOURCES
+
+    note = " (the first load converts the GGUF, ~20 s)" if name in SOURCES else ""
+    with err.status(f"loading {name}{note}"):
+        return ms.load_model(name)
+
+
+def _emit_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+@_friendly
+def models(as_json: JsonFlag = False):
+    """List model aliases and whether each is installed here.
+
+    Example: mechscope models --json
+    """
+    from mechscope.models.adapters import adapters
+    from mechscope.models.sources import DEFAULT_MODEL, SOURCES
+
+    rows = [
+        dict(
+            alias=s.alias,
+            available=s.available(),
+            default=s.alias == DEFAULT_MODEL,
+            description=s.description,
+            install=s.install,
+        )
+        for s in SOURCES.values()
+    ]
+    rows += [
+        dict(
+            alias=f"tiny-{name}",
+            available=True,
+            default=False,
+            description=f"random tiny {name} model (tests)",
+            install="",
+        )
+        for name in adapters()
+    ]
+    if as_json:
+        return _emit_json(rows)
+    table = Table("alias", "available", "description", "install")
+    for r in rows:
+        table.add_row(
+            r["alias"] + (" (default)" if r["default"] else ""),
+            "yes" if r["available"] else "[red]no[/red]",
+            r["description"],
+            r["install"],
+        )
+    console.print(table)
+
+
+@app.command()
+@_friendly
+def info(
+    model: Annotated[str, typer.Argument(help="Alias, tiny-<family>, local directory or .gguf file.")],
+    as_json: JsonFlag = False,
+):
+    """Architecture facts and every hook point with its shape on a 2 x 5-token probe batch.
+
+    Example: mechscope info smollm2-135m
+    """
+    import torch
+
+    m = _load(model)
+    _, cache = m.run_with_cache(torch.zeros(2, 5, dtype=torch.long))
+    shapes = {name: list(cache[name].shape) for name in m.hook_names}
+    if as_json:
+        return _emit_json(
+            {"model": model, "facts": m.cfg.to_dict(), "probe": {"batch": 2, "pos": 5}, "hook_points": shapes}
+        )
+    facts = Table("fact", "value", title=f"{model}")
+    for k, v in m.cfg.to_dict().items():
+        facts.add_row(k, str(v))
+    console.print(facts)
+    points = Table("hook point", "shape for batch=2, pos=5", title=f"{len(shapes)} hook points")
+    for name, shape in shapes.items():
+        points.add_row(name, str(tuple(shape)))
+    console.print(points)
+
+
+@app.command()
+@_friendly
+def lens(
+    model: Annotated[str, typer.Argument(help="Model alias (the default model is smollm2-135m).")],
+    prompt: Annotated[str, typer.Argument(help="The text whose next token is predicted.")],
+    pos: Annotated[int, typer.Option(help="Position to read (negative counts from the end).")] = -1,
+    top_k: Annotated[int, typer.Option("--top-k", help="Predictions shown per layer.")] = 5,
+    html: Annotated[Path, typer.Option(help="Where to write the self-contained HTML view.")] = Path(
+        "mechscope-lens.html"
+    ),
+    as_json: JsonFlag = False,
+):
+    """Top next-token predictions, and the logit lens: what each layer's residual stream predicts.
+
+    Example: mechscope lens smollm2-135m "The Eiffel Tower is in the city of"
+    """
+    from mechscope.circuits.logit_lens import logit_lens
+    from mechscope.viz.lens import render_logit_lens_html
+
+    m = _load(model)
+    result = logit_lens(m, prompt, pos=pos)
+    html.write_text(render_logit_lens_html(result, top_k))
+    if as_json:
+        return _emit_json(
+            {
+                "model": model,
+                "prompt": prompt,
+                "tokens": result.str_tokens,
+                "html": str(html),
+                "lens": result.to_records(top_k),
+            }
+        )
+    console.print(
+        "Prediction: " + ", ".join(f"[bold]{t!r}[/bold] {p:.3f}" for t, p in result.top_tokens(top_k)[-1])
+    )
+    table = Table(
+        "stage",
+        *[f"#{i + 1}" for i in range(top_k)],
+        title="Logit lens (each stage decoded through the final norm and unembedding)",
+    )
+    for label, top in zip(result.labels, result.top_tokens(top_k), strict=True):
+        table.add_row(label, *[f"{t!r} {p:.2f}" for t, p in top])
+    console.print(table)
+    err.print(f"HTML view written to {html}")
+
+
+@app.command()
+@_friendly
+def heads(
+    model: Annotated[str, typer.Argument(help="Model alias.")],
+    seq_len: Annotated[int, typer.Option(help="Length of the random sequence that is repeated.")] = 32,
+    batch: Annotated[int, typer.Option(help="Random sequences averaged over.")] = 8,
+    html: Annotated[Path, typer.Option(help="Where to write the HTML tables.")] = Path(
+        "mechscope-heads.html"
+    ),
+    top: Annotated[int, typer.Option(help="Head pairs listed per composition mode.")] = 5,
+    as_json: JsonFlag = False,
+):
+    """Detector scores for every head (previous-token, duplicate-token, induction, OV copying) and top compositions.
+
+    Example: mechscope heads smollm2-135m --json
+    """
+    from mechscope.circuits.composition import MODES, composition_scores
+    from mechscope.circuits.head_detectors import copying_scores, head_scores
+    from mechscope.viz.heads import render_head_scores_html
+
+    m = _load(model)
+    with err.status("running detectors"):
+        scores = {k: v.tolist() for k, v in head_scores(m, seq_len=seq_len, batch=batch).items()}
+        scores["ov_copying"] = copying_scores(m).tolist()
+    comps = []
+    if m.cfg.n_layers > 1:
+        with err.status("composition scores"):
+            result = composition_scores(m)
+        comps = [(mode, a, b, s) for mode in MODES for a, b, s in result.top(mode, top)]
+    html.write_text(render_head_scores_html(f"Heads of {model}", scores, comps))
+    if as_json:
+        return _emit_json(
+            {
+                "model": model,
+                "scores": scores,
+                "top_compositions": [dict(mode=c[0], sender=c[1], receiver=c[2], score=c[3]) for c in comps],
+                "html": str(html),
+            }
+        )
+    table = Table("head", *scores, title=f"Head detectors ({model}); strongest 15 by max score")
+    flat = [(layer, h) for layer in range(m.cfg.n_layers) for h in range(m.cfg.n_heads)]
+    flat.sort(key=lambda lh: -max(s[lh[0]][lh[1]] for k, s in scores.items() if k != "ov_copying"))
+    for layer, h in flat[:15]:
+        table.add_row(f"L{layer}H{h}", *[f"{s[layer][h]:.2f}" for s in scores.values()])
+    console.print(table)
+    if comps:
+        ct = Table("mode", "sender", "receiver", "score - baseline", title="Top compositions")
+        for c in comps:
+            ct.add_row(c[0], c[1], c[2], f"{c[3]:.3f}")
+        console.print(ct)
+    err.print(f"HTML tables written to {html}")
+
+
+@toy_app.command("superposition")
+@_friendly
+def toy_superposition(
+    features: Annotated[int, typer.Option(help="Number of features.")] = 5,
+    hidden: Annotated[int, typer.Option(help="Hidden dimensions.")] = 2,
+    sparsity: Annotated[
+        list[float] | None,
+        typer.Option(help="Sparsity S per instance (repeat the flag); default 0 0.7 0.9 0.97 0.99."),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 5000,
+    out: Annotated[Path | None, typer.Option(help="Directory to save the trained sweep in.")] = None,
+    as_json: JsonFlag = False,
+):
+    """Train toy models of superposition, one instance per sparsity, all at once.
+
+    Example: mechscope toy superposition --sparsity 0 --sparsity 0.9 --steps 3000
+    """
+    from mechscope.toy import superposition as sp
+
+    sparsities = tuple(sparsity) if sparsity else sp.ToyConfig.sparsities
+    cfg = sp.ToyConfig(n_features=features, n_hidden=hidden, sparsities=sparsities, steps=steps)
+    with err.status(f"training {cfg.n_instances} instances"):
+        model = sp.train(cfg, log_every=0)
+    if out is not None:
+        sp.save(model, out)
+    rows = [
+        dict(sparsity=s, represented=n, norms=norms, dimensionality=dims)
+        for s, n, norms, dims in zip(
+            cfg.sparsities,
+            sp.n_represented(model),
+            sp.feature_norms(model).tolist(),
+            sp.feature_dimensionality(model).tolist(),
+            strict=True,
+        )
+    ]
+    if as_json:
+        return _emit_json({"config": cfg.__dict__, "instances": rows})
+    table = Table(
+        "sparsity",
+        "features kept",
+        "||W_i||",
+        "dimensionality D_i",
+        title=f"{features} features in {hidden} dimensions",
+    )
+    for r in rows:
+        table.add_row(
+            f"{r['sparsity']:.2f}",
+            str(r["represented"]),
+            " ".join(f"{v:.2f}" for v in r["norms"]),
+            " ".join(f"{v:.2f}" for v in r["dimensionality"]),
+        )
+    console.print(table)
+
+
+@toy_app.command("attn-only")
+@_friendly
+def toy_attn_only(
+    layers: Annotated[int, typer.Option(help="Attention layers (0, 1, 2, ...).")] = 2,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 1500,
+    d_model: Annotated[int, typer.Option(help="Residual width.")] = 128,
+    heads: Annotated[int, typer.Option(help="Heads per layer.")] = 4,
+    n_ctx: Annotated[int, typer.Option(help="Context length in bytes.")] = 128,
+    out: Annotated[Path, typer.Option(help="Checkpoint directory (loads with load_model).")] = Path(
+        "attn-only"
+    ),
+    as_json: JsonFlag = False,
+):
+    """Train an attention-only transformer on offline text, save it, and print what its weights say.
+
+    Example: mechscope toy attn-only --layers 2 --steps 1500
+    """
+    import logging
+
+    from mechscope.toy.train_attn_only import (
+        AttnOnlyTrainConfig,
+        bigram_table,
+        skip_trigrams,
+        train_attn_only,
+    )
+
+    logging.getLogger("mechscope").setLevel(logging.INFO)
+    cfg = AttnOnlyTrainConfig(n_layers=layers, steps=steps, d_model=d_model, n_heads=heads, n_ctx=n_ctx)
+    with err.status(f"training a {layers}-layer attention-only model"):
+        model, history = train_attn_only(cfg, out_dir=out)
+    analysis: dict = {}
+    if layers == 0:
+        table = bigram_table(model)
+        analysis["bigrams"] = [
+            dict(token=model.tokenizer.decode([t]), next=model.tokenizer.decode([int(table[t].argmax())]))
+            for t in b"etaoin ,."
+        ]
+    elif layers == 1:
+        analysis["skip_trigrams"] = [
+            dict(head=h, source=s, destination=d, output=o, score=sc)
+            for h, s, d, o, sc in skip_trigrams(model, k=5)
+        ]
+    if as_json:
+        return _emit_json({"config": cfg.__dict__, "checkpoint": str(out), "history": history, **analysis})
+    t = Table(*history[0].keys(), title=f"training ({out})")
+    for row in history:
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()])
+    console.print(t)
+    for key, rows in analysis.items():
+        at = Table(*rows[0].keys(), title=key)
+        for r in rows:
+            at.add_row(
+                *[
+                    repr(v) if isinstance(v, str) else f"{v:.2f}" if isinstance(v, float) else str(v)
+                    for v in r.values()
+                ]
+            )
+        console.print(at)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Pure renderers: analysis results -> self-contained HTML. No model code here; imported lazily."""

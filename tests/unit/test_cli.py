@@ -1,0 +1,74 @@
+"""The ``mechscope`` command on tiny models: JSON outputs checked against independent computations."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+import mechscope as ms
+from mechscope.cli.main import app
+from mechscope.models.adapters import adapters
+
+runner = CliRunner()
+
+
+def _json(args: list[str]):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_models_lists_every_registered_alias():
+    aliases = {row["alias"] for row in _json(["models", "--json"])}
+    assert {f"tiny-{f}" for f in adapters()} | {"smollm2-135m", "gemma3-270m"} <= aliases
+
+
+def test_info_gives_every_hook_point_with_its_shape():
+    out = _json(["info", "tiny-gpt2", "--json"])
+    model = ms.load_model("tiny-gpt2")
+    assert list(out["hook_points"]) == model.hook_names
+    assert out["hook_points"]["blocks.0.attn.hook_pattern"] == [2, 4, 5, 5]
+    assert out["facts"]["n_layers"] == 2
+
+
+def test_lens_top_prediction_is_the_models_argmax(tmp_path):
+    html = tmp_path / "lens.html"
+    out = _json(["lens", "tiny-llama", "hello <b>", "--json", "--html", str(html)])
+    model = ms.load_model("tiny-llama")
+    expected = model.tokenizer.decode([int(model("hello <b>")[0, -1].argmax())])
+    final = [r for r in out["lens"] if r["stage"] == "final_post" and r["rank"] == 1][0]
+    assert final["token"] == expected
+    page = html.read_text()
+    assert "<b>" not in page and "&lt;" in page and "http" not in page
+
+
+def test_heads_json_has_a_layers_by_heads_table_per_detector(tmp_path):
+    out = _json(
+        ["heads", "tiny-gpt2", "--json", "--seq-len", "8", "--batch", "2", "--html", str(tmp_path / "h.html")]
+    )
+    assert set(out["scores"]) == {"previous_token", "duplicate_token", "induction", "ov_copying"}
+    assert all(len(v) == 2 and len(v[0]) == 4 for v in out["scores"].values())
+    assert out["top_compositions"] and (tmp_path / "h.html").exists()
+
+
+def test_toy_superposition_json():
+    out = _json(["toy", "superposition", "--sparsity", "0", "--steps", "2000", "--json"])
+    assert out["instances"][0]["represented"] == 2
+
+
+def test_bad_model_is_one_clean_line_and_exit_code_2():
+    result = runner.invoke(app, ["info", "no-such-model"])
+    assert result.exit_code == 2
+    assert "smollm2-135m" in result.output and "Traceback" not in result.output
+
+
+def test_logit_lens_final_stage_is_the_model(tiny):
+    from mechscope.circuits.logit_lens import logit_lens
+
+    lens = logit_lens(tiny, "hello")
+    torch.testing.assert_close(lens.logits[-1], tiny("hello")[0, -1])
+    torch.testing.assert_close(lens.probs.sum(-1), torch.ones(len(lens.labels)))
+    page = logit_lens(tiny, "<script>x")._repr_html_()
+    assert "<script>" not in page and "&lt;" in page
