@@ -57,7 +57,7 @@ def basis_alignment(
     seed: int = 0,
 ) -> list[BasisAlignment]:
     """Compare basis alignment of ``names`` (e.g. ``blocks.5.hook_resid_post`` vs ``blocks.5.mlp.hook_post``)."""
-    toks = model._prepare(input, None, None, "right")
+    toks = model.prepare(input, None, None, "right")
     _, cache = model.run_with_cache(toks.ids, names, attention_mask=toks.mask)
     real = torch.ones_like(toks.ids, dtype=torch.bool) if toks.mask is None else toks.mask.bool()
     if skip_first:

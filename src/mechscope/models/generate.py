@@ -44,7 +44,7 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     single = isinstance(input, str) or (isinstance(input, Tensor) and input.ndim == 1)
-    toks = model._prepare(input, None, prepend_bos, padding_side="left")
+    toks = model.prepare(input, None, prepend_bos, padding_side="left")
     if toks.ids.shape[1] + max_new_tokens > model.cfg.n_ctx:
         raise ContextTooLongError(
             f"{toks.ids.shape[1]} prompt tokens + {max_new_tokens} new exceed the context of {model.cfg.n_ctx}"

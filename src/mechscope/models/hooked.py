@@ -292,9 +292,10 @@ class HookedModel:
             return [self.tokenizer.decode(r) for r in ids.tolist()]
         return self.tokenizer.decode(ids.tolist() if isinstance(ids, Tensor) else ids)
 
-    def _prepare(
+    def prepare(
         self, input: ModelInput, attention_mask: Tensor | None, prepend_bos: bool | None, padding_side: str
     ) -> tokens.Tokens:
+        """Any model input as token ids on the model's device plus its padding mask, length-checked."""
         if isinstance(input, (str, list)):
             toks = self.tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side)
         elif isinstance(input, Tensor):
@@ -333,7 +334,7 @@ class HookedModel:
         padding_side: str = "right",
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits for a string, a list of strings (padded) or token ids, with whatever hooks are attached."""
-        return self._forward(self._prepare(input, attention_mask, prepend_bos, padding_side))
+        return self._forward(self.prepare(input, attention_mask, prepend_bos, padding_side))
 
     forward = __call__
 
