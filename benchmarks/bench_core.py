@@ -12,13 +12,18 @@ Configurations (targets from the issue in brackets):
     c  run_with_cache of every hook point (names=None)                                  [<= 1.20x]
     d  model.generate with a steering hook at blocks.10.hook_resid_post vs
        hf_model.generate, greedy, 16-token prompt, 32 new tokens                         [<= 1.05x]
+    hf-b  context, not mechscope: what plain transformers itself costs to return the patterns
+       and the residual stream (a second copy of the model with eager attention, called with
+       output_attentions=True, output_hidden_states=True), against the same plain SDPA forward
 
-Memory is measured in a fresh subprocess per configuration (see ``--child``): after loading the
-model and a tiny warm-up forward, the peak-RSS mark is reset (``/proc/self/clear_refs``), the
-configuration runs once with its result kept alive, and ``ru_maxrss`` minus the RSS before the
-run is the peak growth; the RSS still held afterwards (result alive) is reported too. For the
-caching configurations the child also sums the cached tensors' bytes, naively (every name) and
-by unique storage (``untyped_storage().data_ptr()``).
+Memory is measured in a fresh subprocess per configuration (see ``--child``), with glibc told to
+mmap every allocation over 64 KiB (so freed tensors leave RSS at once). After loading the model
+and a tiny warm-up forward, the peak-RSS mark is reset (``/proc/self/clear_refs``), the
+configuration runs once with its result kept alive, and the peak RSS (``VmHWM``, the counter
+behind ``ru_maxrss``) minus the RSS before the run is the peak growth; the RSS still held
+afterwards (result alive) is reported too. For the caching configurations the child also sums
+the cached tensors' bytes, naively (every name) and by unique storage
+(``untyped_storage().data_ptr()``).
 """
 
 from __future__ import annotations
@@ -27,15 +32,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import compare, describe, machine
 
 import mechscope as ms
 
@@ -44,7 +47,7 @@ SEED = 0
 SHAPES = {"8x128": (8, 128), "1x32": (1, 32)}
 ATTN_INTERNAL = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern")
 CACHED_B = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_pattern")
-TARGETS = {"a": 1.02, "b": 1.05, "c": 1.20, "d": 1.05}
+TARGETS = {"a": 1.02, "b": 1.05, "c": 1.20, "d": 1.05, "hf-b": None}
 STEER_AT = "blocks.10.hook_resid_post"
 PROMPT_LEN, NEW_TOKENS = 16, 32
 
@@ -70,6 +73,20 @@ def cached_b(name: str) -> bool:
 
 def noop(x, hook):
     return None
+
+
+_EAGER: dict = {}
+
+
+def eager_copy(model: ms.HookedModel):
+    """The same weights as a plain HF model with eager attention (loaded once)."""
+    if not _EAGER:
+        from transformers import AutoModelForCausalLM
+
+        _EAGER["m"] = AutoModelForCausalLM.from_pretrained(
+            model.hf_model.name_or_path, local_files_only=True, attn_implementation="eager"
+        ).eval()
+    return _EAGER["m"]
 
 
 def workloads(model: ms.HookedModel, config: str, shape: str | None) -> tuple[Callable, Callable]:
@@ -115,53 +132,25 @@ def workloads(model: ms.HookedModel, config: str, shape: str | None) -> tuple[Ca
         def cand():
             return model.run_with_cache(x, names=None)
 
+    elif config == "hf-b":
+        eager = eager_copy(model)
+
+        def cand():
+            return eager(input_ids=x, use_cache=False, output_attentions=True, output_hidden_states=True)
+
     else:
         raise ValueError(config)
     return plain, cand
 
 
-# ---------------------------------------------------------------------------- timing
-def compare(plain: Callable, cand: Callable, repeats: int, warmup: int) -> dict:
-    """Interleaved timings; the order flips every repeat so drift hits both sides alike.
-
-    Wall time is what the ratio is of; the process' CPU time is recorded beside it because it is
-    far less disturbed by other processes taking turns on the same cores.
-    """
-    for _ in range(warmup):
-        plain()
-        cand()
-    wall: dict[str, list[float]] = {"plain": [], "cand": []}
-    cpu: dict[str, list[float]] = {"plain": [], "cand": []}
-    for i in range(repeats):
-        order = [("plain", plain), ("cand", cand)]
-        for key, fn in order if i % 2 == 0 else reversed(order):
-            gc.collect()
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = fn()
-            wall[key].append(time.perf_counter() - t0)
-            cpu[key].append(time.process_time() - c0)
-            del out
-    med = statistics.median
-    return {
-        "plain_median_s": med(wall["plain"]),
-        "cand_median_s": med(wall["cand"]),
-        "ratio": med(wall["cand"]) / med(wall["plain"]),
-        "ratio_of_mins": min(wall["cand"]) / min(wall["plain"]),
-        "cpu_ratio": med(cpu["cand"]) / med(cpu["plain"]),
-        "plain_s": wall["plain"],
-        "cand_s": wall["cand"],
-        "plain_cpu_s": cpu["plain"],
-        "cand_cpu_s": cpu["cand"],
-    }
-
-
 # ---------------------------------------------------------------------------- memory (child side)
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def cache_bytes(cache) -> dict:
@@ -195,10 +184,13 @@ def child(config: str, shape: str | None) -> dict:
             reset = True
         except OSError:
             reset = False
-        before = _rss_kib()
+        before = _status_kib("VmRSS")
         out = fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        held = _rss_kib()
+        # VmHWM is the counter ru_maxrss reads, but ru_maxrss also keeps the *parent's* peak across
+        # fork + exec, so a child of a big process would report that; VmHWM is this process' alone.
+        peak = _status_kib("VmHWM")
+        held = _status_kib("VmRSS")
+        ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {
         "config": config,
         "shape": shape,
@@ -206,6 +198,7 @@ def child(config: str, shape: str | None) -> dict:
         "rss_before_mib": before / 1024,
         "peak_growth_mib": (peak - before) / 1024,
         "held_growth_mib": (held - before) / 1024,
+        "ru_maxrss_mib": ru_maxrss / 1024,
     }
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], ms.ActivationCache):
         result.update(cache_bytes(out[1]))
@@ -216,38 +209,27 @@ def measure_memory(config: str, shape: str | None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", config]
     if shape:
         cmd += ["--shape", shape]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # Every allocation over 64 KiB gets its own mmap, returned to the OS when freed, so RSS follows
+    # the live tensors instead of glibc's reuse of heap freed earlier (e.g. while loading).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {config} {shape} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------- report
-def machine() -> dict:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import transformers
-
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-        "loadavg": os.getloadavg(),
-    }
+def fmt_target(target: float | None) -> str:
+    return "-" if target is None else f"<= {target}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few repeats, memory on the small shape only")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (default 9, quick 3)")
-    p.add_argument("--configs", default="abcd", help="which of a, b, c, d to run (default all)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per side at 8x128 (default 11, quick 3)"
+    )
+    p.add_argument("--configs", default="a,b,c,d,hf-b", help="comma-separated of a, b, c, d, hf-b")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated of " + ", ".join(SHAPES))
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--json", help="also write every raw timing and memory number to this file")
@@ -261,12 +243,14 @@ def main() -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
-    repeats = args.repeats or (3 if args.quick else 9)
+    repeats = args.repeats or (3 if args.quick else 11)
     shapes = args.shapes.split(",")
+    configs = args.configs.split(",")
     info = machine()
     print(f"machine: {info}")
     print(
-        f"model {MODEL}, repeats {repeats} per side, interleaved; ratio = median(mechscope)/median(plain)\n"
+        f"model {MODEL}; {repeats} repeats per side at 8x128 (x6 at 1x32, x3 for generation), "
+        "interleaved; ratio = median(mechscope) / median(plain) [bootstrap 95% interval]\n"
     )
 
     model = ms.load_model(MODEL)
@@ -274,8 +258,8 @@ def main() -> None:
     n_b = sum(map(cached_b, model.hook_names))
     print(f"hook points: {len(model.hook_names)}; (a) hooks {n_a}; (b) caches {n_b}; (c) caches all\n")
 
-    jobs = [(c, s) for c in "abc" if c in args.configs for s in shapes]
-    if "d" in args.configs:
+    jobs = [(c, s) for c in ("a", "b", "c", "hf-b") if c in configs for s in shapes]
+    if "d" in configs:
         jobs.append(("d", None))
     results = []
     with torch.inference_mode():
@@ -283,29 +267,24 @@ def main() -> None:
             plain, cand = workloads(model, config, shape)
             if config == "d":  # both sides must produce the same number of tokens
                 assert plain().shape == cand().shape == (1, PROMPT_LEN + NEW_TOKENS)
-            warmup = 1 if shape == "8x128" else 3
-            reps = repeats if shape == "8x128" else repeats * 3
-            r = compare(plain, cand, reps, warmup)
+            # the small shapes are ~20x faster, so they get more repeats for the same time
+            reps = {"8x128": repeats, "1x32": repeats * 6, None: repeats * 3}[shape]
+            r = compare(plain, cand, reps, warmup=1 if shape == "8x128" else 3)
             r.update(config=config, shape=shape or f"gen 1x{PROMPT_LEN}+{NEW_TOKENS}", target=TARGETS[config])
             results.append(r)
-            print(
-                f"({config}) {r['shape']:>12}: plain {r['plain_median_s'] * 1e3:9.1f} ms  "
-                f"mechscope {r['cand_median_s'] * 1e3:9.1f} ms  ratio {r['ratio']:.3f}  "
-                f"(CPU-time ratio {r['cpu_ratio']:.3f}, ratio of mins {r['ratio_of_mins']:.3f}, target <= {r['target']})",
-                flush=True,
-            )
+            print(f"({config:>4}) {r['shape']:>12}: {describe(r)}", flush=True)
     del model
     gc.collect()
 
     memory = []
     if not args.no_memory:
-        print("\nmemory (fresh subprocess each; MiB; peak = ru_maxrss after reset - RSS before):")
+        print("\nmemory (fresh subprocess each; MiB; peak = VmHWM after reset - VmRSS before):")
         mem_shapes = ["1x32"] if args.quick else shapes
         mem_jobs = []
         for shape in mem_shapes:
-            fwd = [c for c in "abc" if c in args.configs]
+            fwd = [c for c in "abc" if c in configs]
             mem_jobs += [("plain", shape)] * bool(fwd) + [(c, shape) for c in fwd]
-        if "d" in args.configs:
+        if "d" in configs:
             mem_jobs += [("plain-d", None), ("d", None)]
         for variant, shape in mem_jobs:
             m = measure_memory(variant, shape)
@@ -325,14 +304,18 @@ def main() -> None:
 
     print("\nsummary:")
     print(
-        "| config | shape | plain ms | mechscope ms | ratio (wall) | CPU-time ratio | target | met (wall) |"
+        "| config | shape | plain ms | mechscope ms | ratio | 95% interval | user-CPU ratio "
+        "| sys ms plain / mechscope | target | met |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---|")
     for r in results:
-        met = "yes" if r["ratio"] <= r["target"] else "no"
+        met = "-" if r["target"] is None else "yes" if r["ratio"] <= r["target"] else "no"
+        lo, hi = r["ci95"]
         print(
-            f"| ({r['config']}) | {r['shape']} | {r['plain_median_s'] * 1e3:.1f} | {r['cand_median_s'] * 1e3:.1f} "
-            f"| {r['ratio']:.3f} | {r['cpu_ratio']:.3f} | <= {r['target']} | {met} |"
+            f"| ({r['config']}) | {r['shape']} | {r['plain_median_s'] * 1e3:.1f} "
+            f"| {r['cand_median_s'] * 1e3:.1f} | {r['ratio']:.3f} | {lo:.3f}-{hi:.3f} | {r['user_ratio']:.3f} "
+            f"| {r['plain_sys_median_s'] * 1e3:.0f} / {r['cand_sys_median_s'] * 1e3:.0f} "
+            f"| {fmt_target(r['target'])} | {met} |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -32,12 +32,11 @@ import argparse
 import gc
 import json
 import os
-import statistics
-import time
 import traceback
 from collections.abc import Callable
 
 import torch
+from _timing import compare, describe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SEED = 0
@@ -55,40 +54,6 @@ def tokens(vocab: int, batch: int, pos: int) -> torch.Tensor:
 def steering_vector(d_model: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(SEED + 1)
     return torch.randn(d_model, generator=g) * 0.1
-
-
-def compare(plain: Callable, cand: Callable, repeats: int, warmup: int) -> dict:
-    """Interleaved timings; the order flips every repeat so drift hits both sides alike.
-
-    Wall time is what the ratio is of; the process' CPU time is recorded beside it because it is
-    far less disturbed by other processes taking turns on the same cores.
-    """
-    for _ in range(warmup):
-        plain()
-        cand()
-    wall: dict[str, list[float]] = {"plain": [], "cand": []}
-    cpu: dict[str, list[float]] = {"plain": [], "cand": []}
-    for i in range(repeats):
-        order = [("plain", plain), ("cand", cand)]
-        for key, fn in order if i % 2 == 0 else reversed(order):
-            gc.collect()
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = fn()
-            wall[key].append(time.perf_counter() - t0)
-            cpu[key].append(time.process_time() - c0)
-            del out
-    med = statistics.median
-    return {
-        "plain_median_s": med(wall["plain"]),
-        "cand_median_s": med(wall["cand"]),
-        "ratio": med(wall["cand"]) / med(wall["plain"]),
-        "ratio_of_mins": min(wall["cand"]) / min(wall["plain"]),
-        "cpu_ratio": med(cpu["cand"]) / med(cpu["plain"]),
-        "plain_s": wall["plain"],
-        "cand_s": wall["cand"],
-        "plain_cpu_s": cpu["plain"],
-        "cand_cpu_s": cpu["cand"],
-    }
 
 
 def load(model_dir: str, attn: str | None = None):
@@ -233,17 +198,17 @@ def main() -> None:
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated of " + ", ".join(PEERS))
     p.add_argument("--quick", action="store_true", help="few repeats")
     p.add_argument(
-        "--repeats", type=int, default=None, help="timed repeats per side at 8x128 (default 7, quick 2)"
+        "--repeats", type=int, default=None, help="timed repeats per side at 8x128 (default 11, quick 2)"
     )
     p.add_argument("--json", help="also write every raw timing to this file")
     args = p.parse_args()
 
     torch.set_num_threads(1)
-    repeats = args.repeats or (2 if args.quick else 7)
+    repeats = args.repeats or (2 if args.quick else 11)
     model_dir = os.path.expanduser(args.model_dir)
-    print(
-        f"versions: {versions()}; nproc {os.cpu_count()}; threads 1; repeats {repeats} at 8x128, x3 smaller\n"
-    )
+    info = machine()
+    print(f"machine: {info}\nversions: {versions()}")
+    print(f"{repeats} repeats per side at 8x128 (x6 at 1x32, x3 for generation), interleaved\n")
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     plain_hf = load(model_dir)
     results = []
@@ -257,31 +222,35 @@ def main() -> None:
                 continue
             for (config, shape), (plain, cand) in work.items():
                 try:
-                    big = shape == "8x128"
-                    r = compare(plain, cand, repeats if big else repeats * 3, 1 if big else 2)
+                    if config == "d":  # both sides must produce the same number of tokens
+                        n_plain, n_peer = plain().shape[-1], cand().shape[-1]
+                        assert n_plain == n_peer == PROMPT_LEN + NEW_TOKENS, (n_plain, n_peer)
+                    reps = {"8x128": repeats, "1x32": repeats * 6, "gen": repeats * 3}[shape]
+                    r = compare(plain, cand, reps, warmup=1 if shape == "8x128" else 3)
                 except Exception as e:
                     print(f"{peer} ({config}) {shape}: failed ({type(e).__name__}: {e})")
                     continue
                 r.update(peer=peer, config=config, shape=shape)
                 results.append(r)
-                print(
-                    f"{peer:>16} ({config}) {shape:>6}: plain {r['plain_median_s'] * 1e3:9.1f} ms  "
-                    f"peer {r['cand_median_s'] * 1e3:9.1f} ms  ratio {r['ratio']:.3f}  "
-                    f"(CPU-time ratio {r['cpu_ratio']:.3f}, ratio of mins {r['ratio_of_mins']:.3f})",
-                    flush=True,
-                )
+                print(f"{peer:>16} ({config}) {shape:>6}: {describe(r)}", flush=True)
             del work
             gc.collect()
-    print("\n| peer | config | shape | plain ms | peer ms | ratio (wall) | CPU-time ratio |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(
+        "\n| peer | config | shape | plain ms | peer ms | ratio | 95% interval | user-CPU ratio | sys ms plain / peer |"
+    )
+    print("|---|---|---|---:|---:|---:|---|---:|---:|")
     for r in results:
+        lo, hi = r["ci95"]
         print(
             f"| {r['peer']} | ({r['config']}) | {r['shape']} | {r['plain_median_s'] * 1e3:.1f} "
-            f"| {r['cand_median_s'] * 1e3:.1f} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} |"
+            f"| {r['cand_median_s'] * 1e3:.1f} | {r['ratio']:.3f} | {lo:.3f}-{hi:.3f} | {r['user_ratio']:.3f} "
+            f"| {r['plain_sys_median_s'] * 1e3:.0f} / {r['cand_sys_median_s'] * 1e3:.0f} |"
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"versions": versions(), "repeats": repeats, "timings": results}, f, indent=1)
+            json.dump(
+                {"machine": info, "versions": versions(), "repeats": repeats, "timings": results}, f, indent=1
+            )
 
 
 if __name__ == "__main__":
