@@ -41,14 +41,8 @@ ALIASES: dict[str, str] = {"logits": "unembed.hook_out"}
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-_MLP_POINTS = {
-    "hook_resid_mid",
-    "ln2.hook_normalized",
-    "mlp.hook_pre",
-    "mlp.hook_pre_linear",
-    "mlp.hook_post",
-    "hook_mlp_out",
-}
+# Everything from resid_mid on except resid_post exists only where there is an MLP.
+_MLP_POINTS = frozenset(LAYER_POINTS[LAYER_POINTS.index("hook_resid_mid") : -1])
 
 
 def layer_points(*, parallel: bool, gated: bool, has_mlp: bool = True) -> tuple[str, ...]:
