@@ -44,15 +44,23 @@ def bind(module: nn.Module, points: AttentionPoints) -> None:
     _POINTS[module] = points
 
 
-def _per_head(x: Tensor, n_rep: int) -> Tensor:
-    """``[batch heads pos d_head]`` with kv heads repeated to one per query head -> TL ``[batch pos heads d_head]``."""
-    if n_rep > 1:
-        x = x.repeat_interleave(n_rep, dim=1)
-    return x.transpose(1, 2)
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """``[batch n_kv_heads pos d_head]`` -> one copy per query head ``[batch n_heads pos d_head]``."""
+    if n_rep == 1:
+        return x
+    b, h, p, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, p, d).reshape(b, h * n_rep, p, d)
 
 
-def _run(point: HookPoint, x: Tensor) -> Tensor:
-    return point.run(x) if point.active else x
+def _run(point: HookPoint | None, x: Tensor, tl_layout: bool) -> Tensor:
+    """Run a point's hooks; q/k/v are shown in TL layout ``[batch pos n_heads d_head]``."""
+    if point is None or not point.active:
+        return x
+    if not tl_layout:
+        return point.run(x)
+    view = x.transpose(1, 2)
+    out = point.run(view)
+    return x if out is view else out.transpose(1, 2)
 
 
 def mechscope_attention(
@@ -66,27 +74,31 @@ def mechscope_attention(
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[Tensor, Tensor]:
-    """Eager attention with hook points; same signature and results as HF's eager functions."""
+    """Eager attention with hook points; same signature and results as HF's eager functions.
+
+    Computed in HF's ``[batch heads pos d_head]`` layout with plain matmuls (as HF's eager path);
+    the hooks see TransformerLens layouts.
+    """
     points = _POINTS.get(module)
     n_rep = query.shape[1] // key.shape[1]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    q = query.transpose(1, 2)  # [batch q_pos n_heads d_head]
-    k, v = _per_head(key, n_rep), _per_head(value, n_rep)  # [batch k_pos n_heads d_head]
+    k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)  # [batch n_heads k_pos d_head]
+    q = query
     if points is not None:
-        q, k, v = _run(points.q, q), _run(points.k, k), _run(points.v, v)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scaling
+        q, k, v = _run(points.q, q, True), _run(points.k, k, True), _run(points.v, v, True)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [batch n_heads q_pos k_pos]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : k.shape[1]]
+        scores = scores + attention_mask[:, :, :, : k.shape[2]]
     if points is not None:
-        scores = _run(points.scores, scores)
+        scores = _run(points.scores, scores, False)
     pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if points is not None:
-        pattern = _run(points.pattern, pattern)
+        pattern = _run(points.pattern, pattern, False)
     weights = F.dropout(pattern, p=dropout, training=module.training)
-    z = torch.einsum("bhqk,bkhd->bqhd", weights, v).contiguous()  # [batch q_pos n_heads d_head]
+    z = torch.matmul(weights, v).transpose(1, 2).contiguous()  # [batch q_pos n_heads d_head]
     return z, pattern
 
 
