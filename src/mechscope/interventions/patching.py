@@ -51,6 +51,30 @@ class PatchResult:
         """``(patched - corrupted) / (clean - corrupted)``: 1 = the clean behaviour, 0 = the corrupted one."""
         return normalise(self.values, self.clean, self.corrupted)
 
+    def to_html(self, full_page: bool = True) -> str:
+        """Heatmap(s) of the normalised values: one grid, or one per head for ``layer x head x pos``."""
+        from mechscope.viz.heatmap import render_heatmap_html
+
+        title = f"{self.direction} patching of {self.point} (normalised)"
+        layers = [f"L{i}" for i in range(self.values.shape[0])]
+        grid = self.normalised
+        if self.axes == ("layer", "pos"):
+            return render_heatmap_html(grid, layers, self.str_tokens, title, full_page=full_page)
+        if self.axes == ("layer", "head"):
+            return render_heatmap_html(
+                grid, layers, [f"H{h}" for h in range(grid.shape[1])], title, full_page=full_page
+            )
+        parts = [
+            render_heatmap_html(grid[:, h], layers, self.str_tokens, f"{title}, head {h}", full_page=False)
+            for h in range(grid.shape[1])
+        ]
+        return (
+            "".join(parts) if not full_page else f"<!doctype html><html><body>{''.join(parts)}</body></html>"
+        )
+
+    def _repr_html_(self) -> str:
+        return self.to_html(full_page=False)
+
 
 def _names(model: HookedModel, point: str) -> list[str]:
     if point in RESID_POINTS:

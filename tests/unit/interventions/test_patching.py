@@ -48,6 +48,8 @@ def test_batched_resid_sweep_equals_the_loop(model, point):
     )
     torch.testing.assert_close(result.values.flatten(), ref, atol=1e-5, rtol=1e-5)
     assert result.axes == ("layer", "pos") and len(result.str_tokens) == n_pos
+    page = result.to_html()
+    assert page.count("<tr>") == model.cfg.n_layers + 1 and "http" not in page
 
 
 @pytest.mark.parametrize("point,per", [("z", "head"), ("pattern", "head"), ("v", "head_pos")])
