@@ -82,19 +82,20 @@ class ToyModel(nn.Module):
         self.register_buffer("feature_prob", 1 - torch.tensor(cfg.sparsities, dtype=torch.float32))
 
     def forward(
-        self, x: Float[Tensor, "batch instance n_features"]
-    ) -> Float[Tensor, "batch instance n_features"]:
-        h = torch.einsum("bif,ihf->bih", x, self.W)  # [batch instance n_hidden]
-        return torch.relu(torch.einsum("bih,ihf->bif", h, self.W) + self.b)
+        self, x: Float[Tensor, "instance batch n_features"]
+    ) -> Float[Tensor, "instance batch n_features"]:
+        # Instance-major layout: two batched matmuls, no permutes.
+        h = torch.bmm(x, self.W.transpose(1, 2))  # [instance batch n_hidden]
+        return torch.relu(torch.baddbmm(self.b[:, None], h, self.W))
 
-    def sample(self, batch: int, generator: torch.Generator) -> Float[Tensor, "batch instance n_features"]:
-        shape = (batch, self.cfg.n_instances, self.cfg.n_features)
-        present = torch.rand(shape, generator=generator) < self.feature_prob[:, None]
+    def sample(self, batch: int, generator: torch.Generator) -> Float[Tensor, "instance batch n_features"]:
+        shape = (self.cfg.n_instances, batch, self.cfg.n_features)
+        present = torch.rand(shape, generator=generator) < self.feature_prob[:, None, None]
         return torch.rand(shape, generator=generator) * present
 
     def loss(self, x: Tensor, out: Tensor) -> Tensor:
         """Importance-weighted squared error, mean over batch, summed over instances."""
-        return (self.importance * (x - out) ** 2).mean(0).sum()
+        return (self.importance[:, None] * (x - out) ** 2).mean(1).sum()
 
 
 def train(cfg: ToyConfig, log_every: int = 1000) -> ToyModel:
