@@ -36,7 +36,7 @@ import traceback
 from collections.abc import Callable
 
 import torch
-from _timing import compare, describe
+from _timing import compare, describe, machine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SEED = 0

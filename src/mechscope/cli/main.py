@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -32,7 +33,11 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable J
 
 
 def _friendly(fn):
-    """Turn mechscope's own errors into one red line and exit code 2, without a traceback."""
+    """Turn mechscope's own errors into one red message and exit code 2, without a traceback.
+
+    ValueError and IndexError count too: the library raises them for argument values it checks
+    (``--pos`` outside the prompt, a config field out of range), and their messages name the fix.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,17 +46,28 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (MechscopeError, FileNotFoundError, ValueError, IndexError) as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False)
+            # escape: messages quote user text and lists, which Rich would read as markup;
+            # soft_wrap: one line that the terminal wraps, not Rich at 80 columns.
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
 
 
+def _lit(text: str) -> str:
+    """A token shown as a Python literal (whitespace visible), safe from Rich markup."""
+    return escape(repr(text))
+
+
 def _load(name: str):
+    # The spinner says what is happening; transformers' own per-tensor bar would only clutter it.
+    from transformers.utils import logging as hf_logging
+
     import mechscope as ms
     from mechscope.models.sources import SOURCES
 
-    note = " (the first load converts the GGUF, ~20 s)" if name in SOURCES else ""
+    hf_logging.disable_progress_bar()
+    note = " (first load converts the GGUF, ~20 s)" if name in SOURCES else ""
     with err.status(f"loading {name}{note}"):
         return ms.load_model(name)
 
@@ -138,7 +154,7 @@ def lens(
     model: Annotated[str, typer.Argument(help="Model alias (the default model is smollm2-135m).")],
     prompt: Annotated[str, typer.Argument(help="The text whose next token is predicted.")],
     pos: Annotated[int, typer.Option(help="Position to read (negative counts from the end).")] = -1,
-    top_k: Annotated[int, typer.Option("--top-k", help="Predictions shown per layer.")] = 5,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Predictions shown per layer.")] = 5,
     html: Annotated[Path, typer.Option(help="Where to write the self-contained HTML view.")] = Path(
         "mechscope-lens.html"
     ),
@@ -146,36 +162,38 @@ def lens(
 ):
     """Top next-token predictions, and the logit lens: what each layer's residual stream predicts.
 
+    Every stage goes through the model's own final norm and unembedding, so the last row is the
+    model's output. Also writes a self-contained HTML view (--html).
+
     Example: mechscope lens smollm2-135m "The Eiffel Tower is in the city of"
     """
     from mechscope.circuits.logit_lens import logit_lens
     from mechscope.viz.lens import render_logit_lens_html
 
     m = _load(model)
-    result = logit_lens(m, prompt, pos=pos)
-    html.write_text(render_logit_lens_html(result, top_k))
+    result = logit_lens(m, prompt, pos=pos, top_k=top_k)
+    html.write_text(render_logit_lens_html(result), encoding="utf-8")
     if as_json:
         return _emit_json(
             {
                 "model": model,
                 "prompt": prompt,
+                "pos": pos,
                 "tokens": result.str_tokens,
-                "html": str(html),
-                "lens": result.to_records(top_k),
+                "html": str(html.resolve()),
+                "lens": result.to_records(),
             }
         )
-    console.print(
-        "Prediction: " + ", ".join(f"[bold]{t!r}[/bold] {p:.3f}" for t, p in result.top_tokens(top_k)[-1])
-    )
+    console.print("Prediction: " + ", ".join(f"[bold]{_lit(t)}[/bold] {p:.3f}" for t, p in result.prediction))
     table = Table(
         "stage",
         *[f"#{i + 1}" for i in range(top_k)],
         title="Logit lens (each stage decoded through the final norm and unembedding)",
     )
-    for label, top in zip(result.labels, result.top_tokens(top_k), strict=True):
-        table.add_row(label, *[f"{t!r} {p:.2f}" for t, p in top])
+    for label, top in zip(result.labels, result.top_tokens(), strict=True):
+        table.add_row(label, *[f"{_lit(t)} {p:.2f}" for t, p in top])
     console.print(table)
-    err.print(f"HTML view written to {html}")
+    err.print(f"HTML view written to {html.resolve()}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -207,7 +225,7 @@ def heads(
         with err.status("composition scores"):
             result = composition_scores(m)
         comps = [(mode, a, b, s) for mode in MODES for a, b, s in result.top(mode, top)]
-    html.write_text(render_head_scores_html(f"Heads of {model}", scores, comps))
+    html.write_text(render_head_scores_html(f"Heads of {model}", scores, comps), encoding="utf-8")
     if as_json:
         return _emit_json(
             {
@@ -338,7 +356,7 @@ def toy_attn_only(
         for r in rows:
             at.add_row(
                 *[
-                    repr(v) if isinstance(v, str) else f"{v:.2f}" if isinstance(v, float) else str(v)
+                    _lit(v) if isinstance(v, str) else f"{v:.2f}" if isinstance(v, float) else str(v)
                     for v in r.values()
                 ]
             )

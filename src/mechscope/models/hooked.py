@@ -8,6 +8,7 @@ their own modules as functions of a model.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -417,13 +418,18 @@ class HookedModel:
         stop_at_layer = self._stop_index(stop_at_layer)
         selected = self._select(names, stop_at_layer)
         store: dict[str, Tensor] = {}
-        memo: dict[int, tuple[Tensor, Tensor]] = {}
+        memo: dict[int, tuple[weakref.ref, Tensor]] = {}
 
         def keep(x: Tensor, hook: HookPoint) -> None:
             # Aliased points (resid_post L is resid_pre L+1) share one stored tensor, never a copy each.
+            # A weak reference: a strong one would keep every original alive until the forward ends,
+            # doubling the peak when caching in another dtype or on another device.
             hit = memo.get(id(x))
-            if hit is None:
-                hit = memo[id(x)] = (x, x.detach().to(device=device or x.device, dtype=dtype or x.dtype))
+            if hit is None or hit[0]() is not x:
+                hit = memo[id(x)] = (
+                    weakref.ref(x),
+                    x.detach().to(device=device or x.device, dtype=dtype or x.dtype),
+                )
             store[hook.name] = hit[1]
 
         with self.hooks([(n, keep) for n in selected]), self._stop_at(stop_at_layer):

@@ -25,8 +25,19 @@ def _cell(token: str, prob: float) -> str:
     )
 
 
-def render_logit_lens_html(lens: LogitLens, k: int = 5) -> str:
-    """A page with the prompt, the model's prediction and a stage x top-k table coloured by probability."""
+def render_logit_lens_html(lens: LogitLens, k: int | None = None) -> str:
+    """A page with the prompt, the model's prediction and a stage x top-k table coloured by probability.
+
+    Args:
+        lens: the readout to draw.
+        k: tokens per stage (default ``lens.top_k``).
+
+    Returns:
+        A complete HTML document with inline CSS, no scripts and no network references; every
+        token string is HTML-escaped.
+    """
+    k = k or lens.top_k
+    tops = lens.top_tokens(k)
     read = lens.pos % len(lens.str_tokens)
     prompt = "".join(
         f'<span class="{"read" if i == read else ""}">{escape(t)}</span>'
@@ -34,9 +45,9 @@ def render_logit_lens_html(lens: LogitLens, k: int = 5) -> str:
     )
     rows = "".join(
         f"<tr><th>{escape(label)}</th>{''.join(_cell(t, p) for t, p in top)}</tr>"
-        for label, top in zip(lens.labels, lens.top_tokens(k), strict=True)
+        for label, top in zip(lens.labels, tops, strict=True)
     )
-    prediction = ", ".join(f"<span class='tok'>{escape(repr(t))}</span> {p:.2f}" for t, p in lens.prediction)
+    prediction = ", ".join(f"<span class='tok'>{escape(repr(t))}</span> {p:.2f}" for t, p in tops[-1])
     head = "".join(f"<th>#{i + 1}</th>" for i in range(k))
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>logit lens</title><style>{_CSS}</style></head><body>"
