@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.circuits.head_detectors import head_scores
-from mechscope.circuits.qk_ov import normalised_embeddings, ov_circuit, qk_circuit
+from mechscope.circuits.qk_ov import ov_circuit, qk_circuit
 from mechscope.models import HookedModel
 from mechscope.models.adapters import adapters
 from mechscope.models.tiny import byte_tokenizer
@@ -202,14 +202,3 @@ def skip_trigrams(model: HookedModel, layer: int = 0, k: int = 10) -> list[tuple
             out = int(ov.row(src)[:vocab].argmax())
             rows.append((head, tok.decode([src]), tok.decode([dest]), tok.decode([out]), score))
     return rows
-
-
-__all__ = [
-    "AttnOnlyTrainConfig",
-    "bigram_table",
-    "icl_score",
-    "normalised_embeddings",
-    "offline_text",
-    "skip_trigrams",
-    "train_attn_only",
-]
