@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import torch
+import pytest
 from typer.testing import CliRunner
 
 import mechscope as ms
@@ -33,15 +33,36 @@ def test_info_gives_every_hook_point_with_its_shape():
     assert out["facts"]["n_layers"] == 2
 
 
-def test_lens_top_prediction_is_the_models_argmax(tmp_path):
+@pytest.mark.parametrize("prompt", ["hello", "hello <b>"])
+def test_lens_top_prediction_is_the_models_argmax(tmp_path, prompt):
     html = tmp_path / "lens.html"
-    out = _json(["lens", "tiny-llama", "hello <b>", "--json", "--html", str(html)])
+    out = _json(["lens", "tiny-llama", prompt, "--json", "--html", str(html), "--top-k", "3"])
     model = ms.load_model("tiny-llama")
-    expected = model.tokenizer.decode([int(model("hello <b>")[0, -1].argmax())])
+    expected = model.tokenizer.decode([int(model(prompt)[0, -1].argmax())])
     final = [r for r in out["lens"] if r["stage"] == "final_post" and r["rank"] == 1][0]
     assert final["token"] == expected
+    assert {r["rank"] for r in out["lens"]} == {1, 2, 3}
+    assert out["html"] == str(html.resolve())
     page = html.read_text()
-    assert "<b>" not in page and "&lt;" in page and "http" not in page
+    assert "http" not in page and "<script" not in page
+    if "<" in prompt:
+        assert "<b>" not in page and "&lt;" in page
+
+
+def test_lens_table_names_the_html_file(tmp_path):
+    html = tmp_path / "lens.html"
+    result = runner.invoke(app, ["lens", "tiny-gpt2", "hi", "--html", str(html)])
+    assert result.exit_code == 0, result.output
+    assert "Prediction:" in result.output and "final_post" in result.output
+    assert html.name in result.output and html.exists()
+
+
+def test_lens_pos_outside_the_prompt_is_a_clean_error(tmp_path):
+    result = runner.invoke(
+        app, ["lens", "tiny-llama", "hi", "--pos", "99", "--html", str(tmp_path / "x.html")]
+    )
+    assert result.exit_code == 2
+    assert "pos 99" in result.output and "Traceback" not in result.output
 
 
 def test_heads_json_has_a_layers_by_heads_table_per_detector(tmp_path):
@@ -61,14 +82,12 @@ def test_toy_superposition_json():
 def test_bad_model_is_one_clean_line_and_exit_code_2():
     result = runner.invoke(app, ["info", "no-such-model"])
     assert result.exit_code == 2
-    assert "smollm2-135m" in result.output and "Traceback" not in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert all(a in result.output for a in ["smollm2-135m", *(f"tiny-{f}" for f in adapters())])
 
 
-def test_logit_lens_final_stage_is_the_model(tiny):
-    from mechscope.circuits.logit_lens import logit_lens
-
-    lens = logit_lens(tiny, "hello")
-    torch.testing.assert_close(lens.logits[-1], tiny("hello")[0, -1])
-    torch.testing.assert_close(lens.probs.sum(-1), torch.ones(len(lens.labels)))
-    page = logit_lens(tiny, "<script>x")._repr_html_()
-    assert "<script>" not in page and "&lt;" in page
+def test_error_messages_are_not_read_as_markup():
+    result = runner.invoke(app, ["lens", "[red]nope[/red]", "hi"])
+    assert result.exit_code == 2
+    assert "[red]nope[/red]" in result.output

