@@ -155,6 +155,8 @@ def patch_sweep(
     Raises:
         ValueError: different token lengths, an unknown point, or a budget below one variant.
     """
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     per = per or ("pos" if point in RESID_POINTS else "head")
     names = _names(model, point)
     clean_t = model.prepare(clean, None, None, "right")
@@ -165,8 +167,6 @@ def patch_sweep(
             f"{tuple(corrupt_t.ids.shape)}; rephrase so they align token by token"
         )
     base, source = (corrupt_t, clean_t) if direction == "denoise" else (clean_t, corrupt_t)
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     n_prompts, n_pos = base.ids.shape
     clean_value = float(metric(model(clean_t.ids, attention_mask=clean_t.mask)).mean())
     corrupt_value = float(metric(model(corrupt_t.ids, attention_mask=corrupt_t.mask)).mean())

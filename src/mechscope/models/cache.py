@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechscope.models.adapters.base import norm_eps
+from mechscope.models.adapters.base import get_module, norm_eps
 from mechscope.models.hook_names import ALIASES
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class ActivationCache:
         norm = (
             model.module(model.adapter.final_norm)
             if layer == n
-            else model.layer(layer).get_submodule(model.adapter.ln1)
+            else get_module(model.layer(layer), model.adapter.ln1)
         )
         if mode == "recompute":
             return norm(stack)
@@ -255,5 +255,5 @@ def _token_ids(model: HookedModel, tokens: Tensor | int | str, batch: int) -> Te
     if isinstance(tokens, str):
         tokens = model.to_single_token(tokens)
     if isinstance(tokens, int):
-        return torch.full((batch,), tokens, dtype=torch.long)
-    return tokens.to("cpu" if tokens.device.type == "meta" else tokens.device).long()
+        return torch.full((batch,), tokens, dtype=torch.long, device=model.device)
+    return tokens.to(device=model.device, dtype=torch.long)  # indexes W_U, which lives on the model's device
