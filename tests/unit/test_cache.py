@@ -39,6 +39,36 @@ def test_stop_at_layer_skips_later_blocks(tiny):
     assert no_torch_hooks(tiny)
 
 
+def test_start_at_skips_lower_blocks_and_gives_the_full_run(tiny):
+    tokens = random_tokens(tiny, batch=2)
+    logits, cache = tiny.run_with_cache(tokens, ["blocks.1.hook_resid_pre"])
+    calls = []
+    handle = tiny.layer(0).register_forward_hook(lambda m, args, out: calls.append(out is args[0]))
+    try:
+        with tiny.start_at(1, cache["blocks.1.hook_resid_pre"]):
+            resumed = tiny(tokens)
+            last = tiny(tokens, logits_to_keep=1)
+    finally:
+        handle.remove()
+    assert calls == [True, True]  # block 0 passed its input through instead of running
+    torch.testing.assert_close(resumed, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, logits[:, -1:], atol=1e-5, rtol=1e-5)
+    assert no_torch_hooks(tiny) and "forward" not in vars(tiny.layer(0))
+
+
+def test_start_at_refuses_hooks_it_would_skip_and_wrong_shapes(tiny):
+    tokens = random_tokens(tiny)
+    _, cache = tiny.run_with_cache(tokens, ["blocks.1.hook_resid_pre"])
+    resid = cache["blocks.1.hook_resid_pre"]
+    with tiny.hooks({"blocks.0.hook_resid_post": lambda x, hook: None}):
+        with pytest.raises(ValueError, match="skips it"), tiny.start_at(1, resid):
+            pass
+    with pytest.raises(ValueError, match="shape"), tiny.start_at(1, resid[:, :-1]):
+        tiny(tokens)
+    with pytest.raises(ValueError, match="layer must be in"), tiny.start_at(tiny.cfg.n_layers, resid):
+        pass
+
+
 def test_decomposition_sums_to_the_residual(tiny):
     _, cache = tiny.run_with_cache(random_tokens(tiny))
     n = tiny.cfg.n_layers

@@ -2,7 +2,8 @@
 
 Per-row values let a sweep put many patched variants on the batch axis and score them all from
 one forward. Build a metric with one of the factories below, or pass any callable
-``logits [batch pos d_vocab] -> [batch]``.
+``logits [batch pos d_vocab] -> [batch]``. A metric with an attribute ``reads_last = n > 0`` reads
+only the last ``n`` positions, so sweeps unembed only those (the factories set it for negative ``pos``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def _rows(values: Tensor, batch: int) -> Tensor:
     return values.repeat(batch // values.numel()) if batch % values.numel() == 0 else values
 
 
+def _reads(metric: Metric, pos: int) -> Metric:
+    metric.reads_last = -pos if pos < 0 else 0
+    return metric
+
+
 def logit_diff(correct, incorrect, pos: int = -1) -> Metric:
     """``logit[correct] - logit[incorrect]`` at ``pos`` (token ids, one per prompt or shared)."""
 
@@ -36,7 +42,7 @@ def logit_diff(correct, incorrect, pos: int = -1) -> Metric:
         w = _rows(_ids(incorrect, last), last.shape[0])
         return last[rows, c] - last[rows, w]
 
-    return metric
+    return _reads(metric, pos)
 
 
 def log_prob(token, pos: int = -1) -> Metric:
@@ -46,13 +52,17 @@ def log_prob(token, pos: int = -1) -> Metric:
         lp = logits[:, pos].float().log_softmax(-1)
         return lp[torch.arange(lp.shape[0]), _rows(_ids(token, lp), lp.shape[0])]
 
-    return metric
+    return _reads(metric, pos)
 
 
 def prob(token, pos: int = -1) -> Metric:
     """Probability of ``token`` at ``pos``."""
     lp = log_prob(token, pos)
-    return lambda logits: lp(logits).exp()
+
+    def metric(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
+        return lp(logits).exp()
+
+    return _reads(metric, pos)
 
 
 def kl_to(reference_logits: Float[Tensor, "batch pos d_vocab"], pos: int = -1) -> Metric:
@@ -64,7 +74,7 @@ def kl_to(reference_logits: Float[Tensor, "batch pos d_vocab"], pos: int = -1) -
         r = ref.repeat(lp.shape[0] // ref.shape[0], 1)
         return F.kl_div(lp, r, log_target=True, reduction="none").sum(-1)
 
-    return metric
+    return _reads(metric, pos)
 
 
 def next_token_loss(tokens: Int[Tensor, "batch pos"]) -> Metric:

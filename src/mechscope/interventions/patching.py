@@ -6,10 +6,12 @@ sufficient to restore the behaviour); noising puts corrupted activations into th
 is necessary). A sweep does this for every cell of a grid: ``layer x pos`` for residual and
 sublayer outputs, ``layer x head`` (all positions) or ``layer x head x pos`` for per-head points.
 
-Speed: the batch axis carries the variants. Each forward holds ``chunk x n_prompts`` rows, each
-row patched at its own cell, so a whole sweep takes ``cells / chunk`` forwards; the chunk is the
-largest that fits ``memory_budget``. Results equal patching one cell per forward (tested).
-Not yet done: skipping the layers below a patch (they are recomputed, unchanged).
+Speed: the batch axis carries the variants: one forward per layer holds that layer's cells
+(``cells x n_prompts`` rows, each patched at its own cell; split further to fit
+``memory_budget``). A patch at layer L leaves every layer below L as in the base run, so each
+forward starts at L from the cached base residual stream (:meth:`HookedModel.start_at`), and a
+metric that reads only the last positions (``reads_last``) gets only those unembedded. Results
+equal patching one cell per full forward (tested).
 """
 
 from __future__ import annotations
@@ -120,13 +122,13 @@ def _index(point: str, per: str, where) -> tuple:
     return (head, pos) if pattern else (pos, head)
 
 
-def _row_bytes(model: HookedModel, n_pos: int, eager: bool) -> int:
+def _row_bytes(model: HookedModel, n_pos: int, eager: bool, n_logits: int) -> int:
     """Rough activation memory of one row of the forward (the peak is a few layers' worth plus logits)."""
     c = model.cfg
     per_layer = n_pos * (4 * c.d_model + 2 * max(c.d_mlp, c.d_model)) + (
         2 * c.n_heads * n_pos * n_pos if eager else 0
     )
-    return 4 * (per_layer * 4 + n_pos * c.d_vocab * 2)
+    return 4 * (per_layer * 4 + n_logits * c.d_vocab * 2)
 
 
 @torch.no_grad()
@@ -168,23 +170,30 @@ def patch_sweep(
         )
     base, source = (corrupt_t, clean_t) if direction == "denoise" else (clean_t, corrupt_t)
     n_prompts, n_pos = base.ids.shape
-    clean_value = float(metric(model(clean_t.ids, attention_mask=clean_t.mask)).mean())
-    corrupt_value = float(metric(model(corrupt_t.ids, attention_mask=corrupt_t.mask)).mean())
-    _, src = model.run_with_cache(source.ids, names, attention_mask=source.mask)
+    starts = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+    base_logits, base_cache = model.run_with_cache(base.ids, starts, attention_mask=base.mask)
+    source_logits, src = model.run_with_cache(source.ids, names, attention_mask=source.mask)
+    base_value, source_value = float(metric(base_logits).mean()), float(metric(source_logits).mean())
+    clean_value, corrupt_value = (
+        (source_value, base_value) if direction == "denoise" else (base_value, source_value)
+    )
     cells, axes = _cells(model, point, per, n_pos)
 
-    row_bytes = _row_bytes(model, n_pos, point in ("q", "k", "v", "pattern"))
+    keep = getattr(metric, "reads_last", 0)
+    row_bytes = _row_bytes(model, n_pos, point in ("q", "k", "v", "pattern"), keep or n_pos)
     if memory_budget < row_bytes * n_prompts:
         raise ValueError(
             f"memory_budget {memory_budget} is below one variant ({row_bytes * n_prompts} bytes); raise it"
         )
     chunk = max(1, memory_budget // (row_bytes * n_prompts))
     values = torch.empty(len(cells))
-    for start in range(0, len(cells), chunk):
-        part = cells[start : start + chunk]
-        values[start : start + len(part)] = _run_chunk(
-            model, base, src, names, point, per, part, metric, n_prompts
-        )
+    starts = [i for i, c in enumerate(cells) if i == 0 or c[0] != cells[i - 1][0]] + [len(cells)]
+    for lo, hi in zip(starts, starts[1:], strict=False):  # one layer's cells (cells are layer-major)
+        for start in range(lo, hi, chunk):
+            stop = min(start + chunk, hi)
+            values[start:stop] = _run_chunk(
+                model, base, base_cache, src, names, point, per, cells[start:stop], metric, n_prompts, keep
+            )
     shape = (
         model.cfg.n_layers,
         *([model.cfg.n_heads] if per != "pos" else []),
@@ -201,22 +210,23 @@ def patch_sweep(
     )
 
 
-def _run_chunk(model, base, src, names, point, per, cells, metric, n_prompts) -> Tensor:
-    """One forward with ``len(cells)`` variants: rows ``[c * n_prompts, (c + 1) * n_prompts)`` patch cell ``c``."""
-    by_layer: dict[int, list[tuple[int, tuple]]] = {}
-    for c, (layer, where) in enumerate(cells):
-        by_layer.setdefault(layer, []).append((c, _index(point, per, where)))
+def _run_chunk(model, base, base_cache, src, names, point, per, cells, metric, n_prompts, keep) -> Tensor:
+    """One forward with ``len(cells)`` variants of one layer: rows ``[c * n_prompts, (c + 1) * n_prompts)``
+    patch cell ``c``; it starts at that layer."""
+    layer = cells[0][0]
+    where = [_index(point, per, w) for _, w in cells]
 
     def patch(x: Tensor, hook: HookPoint) -> Tensor:
         out = x.clone()
         value = src[hook.name]
-        for c, idx in by_layer[hook.layer]:
+        for c, idx in enumerate(where):
             rows = slice(c * n_prompts, (c + 1) * n_prompts)
             out[(rows, *idx)] = value[(slice(None), *idx)]
         return out
 
     ids = base.ids.repeat(len(cells), 1)
     mask = None if base.mask is None else base.mask.repeat(len(cells), 1)
-    with model.hooks({names[layer]: patch for layer in by_layer}):
-        scores = metric(model(ids, attention_mask=mask))
+    resid = base_cache[f"blocks.{layer}.hook_resid_pre"].repeat(len(cells), 1, 1)
+    with model.start_at(layer, resid), model.hooks({names[layer]: patch}):
+        scores = metric(model(ids, attention_mask=mask, logits_to_keep=keep))
     return scores.float().view(len(cells), n_prompts).mean(1).cpu()

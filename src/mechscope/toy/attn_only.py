@@ -165,12 +165,13 @@ class AttnOnlyForCausalLM(AttnOnlyPreTrainedModel, GenerationMixin):
         cache=None,
         use_cache=None,
         labels=None,
+        logits_to_keep=0,
         **kwargs,
     ):
         cache = kwargs.pop("past_key_values", cache)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         hidden, cache = self.transformer(input_ids, attention_mask, position_ids, cache, use_cache)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())

@@ -68,6 +68,20 @@ def test_batched_head_sweep_equals_the_loop(model, point, per):
     torch.testing.assert_close(result.values.flatten(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("point", ["resid_post", "z"])
+def test_sweeps_equal_the_loop_on_every_family(tiny, point):
+    # Each forward starts at its lowest patched layer and unembeds the last position only: check
+    # every family's block signature and unembedding against full forwards.
+    metric = metrics.logit_diff(tiny.to_single_token("t"), tiny.to_single_token("r"))
+    result = patch_sweep(tiny, CLEAN, CORRUPT, metric, point, memory_budget=1_500_000)
+    n_pos, L, H = len(tiny.to_tokens(CLEAN[0])[0]), tiny.cfg.n_layers, tiny.cfg.n_heads
+    hook = "hook_resid_post" if point == "resid_post" else "attn.hook_z"
+    cells = [(layer, i) for layer in range(L) for i in range(n_pos if point == "resid_post" else H)]
+    index = (lambda c: (c[1],)) if point == "resid_post" else (lambda c: (slice(None), c[1]))
+    ref = _loop(tiny, metric, lambda c: f"blocks.{c[0]}.{hook}", index, cells, CLEAN, CORRUPT)
+    torch.testing.assert_close(result.values.flatten(), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_full_layer_zero_patch_restores_the_clean_metric_and_nothing_gives_zero(model):
     metric = metrics.logit_diff(model.to_single_token("t"), model.to_single_token("r"))
     result = patch_sweep(model, CLEAN, CORRUPT, metric, "resid_pre")
