@@ -74,9 +74,11 @@ def test_heads_json_has_a_layers_by_heads_table_per_detector(tmp_path):
     assert out["top_compositions"] and (tmp_path / "h.html").exists()
 
 
-def test_toy_superposition_json():
-    out = _json(["toy", "superposition", "--sparsity", "0", "--steps", "2000", "--json"])
+def test_toy_superposition_json(tmp_path):
+    html = tmp_path / "toy.html"
+    out = _json(["toy", "superposition", "--sparsity", "0", "--steps", "2000", "--json", "--html", str(html)])
     assert out["instances"][0]["represented"] == 2
+    assert out["html"] == str(html.resolve()) and 'class="geometry"' in html.read_text()
 
 
 def test_bad_model_is_one_clean_line_and_exit_code_2():

@@ -262,9 +262,14 @@ def toy_superposition(
     ] = None,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 5000,
     out: Annotated[Path | None, typer.Option(help="Directory to save the trained sweep in.")] = None,
+    html: Annotated[
+        Path, typer.Option(help="Where to write the paper's views (self-contained HTML).")
+    ] = Path("mechscope-superposition.html"),
     as_json: JsonFlag = False,
 ):
     """Train toy models of superposition, one instance per sparsity, all at once.
+
+    Writes W^T W, feature norms, 2-D geometry and feature dimensionality per instance to --html.
 
     Example: mechscope toy superposition --sparsity 0 --sparsity 0.9 --steps 3000
     """
@@ -276,6 +281,9 @@ def toy_superposition(
         model = sp.train(cfg, log_every=0)
     if out is not None:
         sp.save(model, out)
+    from mechscope.viz.superposition import render_superposition_html
+
+    html.write_text(render_superposition_html(model), encoding="utf-8")
     rows = [
         dict(sparsity=s, represented=n, norms=norms, dimensionality=dims)
         for s, n, norms, dims in zip(
@@ -287,7 +295,7 @@ def toy_superposition(
         )
     ]
     if as_json:
-        return _emit_json({"config": cfg.__dict__, "instances": rows})
+        return _emit_json({"config": cfg.__dict__, "instances": rows, "html": str(html.resolve())})
     table = Table(
         "sparsity",
         "features kept",

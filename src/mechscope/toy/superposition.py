@@ -93,6 +93,11 @@ class ToyModel(nn.Module):
         present = torch.rand(shape, generator=generator) < self.feature_prob[:, None, None]
         return torch.rand(shape, generator=generator) * present
 
+    def _repr_html_(self) -> str:
+        from mechscope.viz.superposition import render_superposition_html
+
+        return render_superposition_html(self, full_page=False)
+
     def loss(self, x: Tensor, out: Tensor) -> Tensor:
         """Importance-weighted squared error, mean over batch, summed over instances."""
         return (self.importance[:, None] * (x - out) ** 2).mean(1).sum()

@@ -12,10 +12,11 @@ from html import escape
 
 import torch
 
+# Scoped to .ms-heatmap so that a fragment shown in a notebook does not restyle the page around it.
 _CSS = (
-    "body{font:13px system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse}"
-    "td{width:2.6em;height:1.6em;text-align:center;font-size:11px;border:1px solid #fff}"
-    "th{font-weight:normal;padding:0 4px;font-family:ui-monospace,monospace;white-space:pre}"
+    ".ms-heatmap{font:13px system-ui,sans-serif}.ms-heatmap table{border-collapse:collapse}"
+    ".ms-heatmap td{width:2.6em;height:1.6em;text-align:center;font-size:11px;border:1px solid #fff}"
+    ".ms-heatmap th{font-weight:normal;padding:0 4px;font-family:ui-monospace,monospace;white-space:pre}"
 )
 
 
@@ -46,7 +47,7 @@ def render_heatmap_html(
         + "</tr>"
         for r, row in zip(row_labels, v, strict=True)
     )
-    body = f"<h3>{escape(title)}</h3><table>{head}{rows}</table>"
+    body = f"<div class='ms-heatmap'><h3>{escape(title)}</h3><table>{head}{rows}</table></div>"
     if not full_page:
         return f"<style>{_CSS}</style>{body}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>body{{margin:1.5em}}{_CSS}</style></head><body>{body}</body></html>"

@@ -52,3 +52,23 @@ def test_bad_config_is_refused():
         sp.ToyConfig(sparsities=(1.0,))
     with pytest.raises(ValueError, match="importances"):
         sp.ToyConfig(sparsities=(0.0, 0.5), importances=((1.0,),))
+
+
+def test_views_draw_the_computed_quantities(sweep):
+    import re
+
+    from mechscope.viz.superposition import render_phase_diagram_html, render_superposition_html
+
+    page = sweep._repr_html_()
+    assert page == render_superposition_html(sweep, full_page=False) and "http" not in page
+    assert page.count('class="geometry"') == 3  # one 2-D geometry per instance
+    # The geometry's line ends are the columns of W; the bars' titles are the norms.
+    norms = sp.feature_norms(sweep)
+    shown = [float(v) for v in re.findall(r"\|\|W\|\| = ([0-9.]+)", page)]
+    torch.testing.assert_close(torch.tensor(shown), norms.flatten(), atol=1e-3, rtol=0)
+    dims = [float(v) for v in re.findall(r": D = ([0-9.]+)", page)]
+    torch.testing.assert_close(
+        torch.tensor(dims), sp.feature_dimensionality(sweep).flatten(), atol=1e-3, rtol=0
+    )
+    phase = render_phase_diagram_html(torch.tensor([[0, 1], [2, 2]]), [1.0, 0.1], [0.5, 2.0])
+    assert phase.count("<rect") == 4 and "not represented" in phase and "superposition" in phase
