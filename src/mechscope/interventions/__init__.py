@@ -1,2 +1,2 @@
-"""Causal interventions: metrics, ablations and activation-patching sweeps (more to come: path and
-attribution patching, causal tracing, circuit discovery)."""
+"""Causal interventions: metrics, ablations, activation patching sweeps, path patching, attribution
+patching, circuit discovery (EAP) with faithfulness, and the ``explain`` report."""

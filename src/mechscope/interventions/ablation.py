@@ -26,11 +26,13 @@ def zero_ablation(*, pos=None, head=None, index=None) -> HookFn:
 
 @torch.no_grad()
 def mean_activations(
-    model: HookedModel, dataset: Sequence[str] | Tensor, names: Sequence[str], *, batch_size: int = 8
+    model: HookedModel, dataset: str | Sequence[str] | Tensor, names: Sequence[str], *, batch_size: int = 8
 ) -> dict[str, Tensor]:
     """Mean of each hook point over every real token of ``dataset`` (shape: the activation minus batch and pos)."""
     sums: dict[str, Tensor] = {}
     count = 0
+    if isinstance(dataset, str):  # one text, not its characters
+        dataset = [dataset]
     items = list(dataset) if not isinstance(dataset, Tensor) else dataset
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
