@@ -251,6 +251,84 @@ def heads(
     err.print(f"HTML tables written to {html}")
 
 
+@app.command()
+@_friendly
+def explain(
+    model: Annotated[str, typer.Argument(help="Model alias (the default model is smollm2-135m).")],
+    prompt: Annotated[str, typer.Argument(help="The prompt whose next token is explained.")],
+    answer: Annotated[str, typer.Option(help="The expected next token, e.g. ' Mary' (one token).")],
+    wrong: Annotated[
+        str | None, typer.Option(help="A rival token: the metric becomes logit(answer) - logit(wrong).")
+    ] = None,
+    corrupt: Annotated[
+        str | None,
+        typer.Option(help="A prompt of the same token length that changes the answer: enables patching."),
+    ] = None,
+    subject: Annotated[
+        str | None, typer.Option(help="The subject of a factual prompt (a substring): enables ROME traces.")
+    ] = None,
+    top_heads: Annotated[int, typer.Option(min=1, help="Heads whose attention is drawn.")] = 4,
+    html: Annotated[Path, typer.Option(help="Where to write the self-contained report.")] = Path(
+        "mechscope-explain.html"
+    ),
+    as_json: JsonFlag = False,
+):
+    """Explain one prediction: logit lens, direct logit attribution, attention, patching sweeps, traces.
+
+    With --corrupt: activation patching of resid_pre, attn_out, mlp_out (layer x position) and every
+    head, plus attribution patching beside it. With --subject: ROME causal traces. Writes one HTML
+    report (--html); --json prints every number instead of the summary.
+
+    Example: mechscope explain smollm2-135m "When Mary and John went to the store, John gave a drink to"
+    --answer " Mary" --wrong " John" --corrupt "When Mary and John went to the store, Mary gave a drink to"
+    """
+    import torch
+    from rich.progress import Progress
+
+    from mechscope.interventions.explain import ExplainConfig
+    from mechscope.interventions.explain import explain as run_explain
+
+    cfg = ExplainConfig(answer, wrong, corrupt, subject, top_heads=top_heads)
+    m = _load(model)
+    steps = 3 + (len(cfg.points) + 1 if corrupt else 0) + (1 if subject else 0)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("explaining", total=steps)
+
+        done: list[str] = []
+
+        def step(name: str) -> None:  # called as each part starts: the previous one is done
+            bar.update(task, advance=1 if done else 0, description=name)
+            done.append(name)
+
+        result = run_explain(m, prompt, cfg, name=model, progress=step)
+    html.write_text(result.to_html(), encoding="utf-8")
+    if as_json:
+        return _emit_json({**result.to_json(), "html": str(html.resolve())})
+    console.print(
+        f"Metric {_lit(answer)}"
+        + (f" - {_lit(wrong)}" if wrong else "")
+        + f": [bold]{result.metric:.3f}[/bold]"
+    )
+    console.print(
+        "Prediction: " + ", ".join(f"[bold]{_lit(t)}[/bold] {p:.3f}" for t, p in result.predictions)
+    )
+    console.print(
+        "Top heads by direct logit attribution: "
+        + ", ".join(f"{label} {v:+.2f}" for label, v in result.dla.top(top_heads))
+    )
+    for point, r in result.patching.items():
+        flat = r.normalised.flatten()
+        best = int(flat.abs().argmax())
+        idx = torch.unravel_index(torch.tensor(best), r.normalised.shape)
+        where = ", ".join(f"{a} {int(i)}" for a, i in zip(r.axes, idx, strict=True))
+        c = result.comparisons[point]
+        console.print(
+            f"patching {point}: strongest cell {where} ({flat[best]:.2f} normalised); "
+            f"attribution vs real r = {c.correlation:.2f}"
+        )
+    err.print(f"report written to {html}")
+
+
 @toy_app.command("superposition")
 @_friendly
 def toy_superposition(
