@@ -17,7 +17,7 @@ PROMPT, CORRUPT = "the cat sat on the mat", "the cat sat on the hat"
 def test_explain_json_and_report(tmp_path):
     html = tmp_path / "report.html"
     args = ["explain", "tiny-llama", PROMPT, "--answer", "t", "--wrong", "s", "--corrupt", CORRUPT]
-    result = runner.invoke(app, [*args, "--json", "--html", str(html)])
+    result = runner.invoke(app, [*args, "--subject", "cat", "--json", "--html", str(html)])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     model = ms.load_model("tiny-llama")
@@ -39,8 +39,11 @@ def test_explain_json_and_report(tmp_path):
     assert set(out["patching"]) == set(out["attribution"]) == {"resid_pre", "attn_out", "mlp_out", "z"}
     assert len(out["patching"]["z"]["values"][0]) == model.cfg.n_heads
     assert -1 <= out["attribution_vs_patching"]["resid_pre"]["correlation"] <= 1
+    trace = out["causal_trace"]
+    assert trace["subject_positions"] == [4, 5, 6] and len(trace["state"]) == model.cfg.n_layers
+    assert abs(trace["clean"] - float(logits.softmax(-1)[t])) < 1e-5
     page = html.read_text()
-    assert "http" not in page and page.count("<iframe") >= 9
+    assert "http" not in page and page.count("<iframe") >= 9 and "Causal tracing" in page
 
 
 def test_explain_bad_input_is_one_clean_error(tmp_path):

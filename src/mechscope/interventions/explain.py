@@ -164,8 +164,15 @@ def explain(
         from mechscope.interventions.causal_trace import causal_trace
 
         progress("causal tracing")
+        kinds = ("state", "mlp", "attn") if model.cfg.has_mlp else ("state", "attn")
         trace = causal_trace(
-            model, prompt, config.subject, config.answer, samples=config.trace_samples, seed=config.seed
+            model,
+            prompt,
+            config.subject,
+            config.answer,
+            kinds=kinds,
+            samples=config.trace_samples,
+            seed=config.seed,
         )
     return Explanation(
         name or model.hf_model.config.name_or_path,
