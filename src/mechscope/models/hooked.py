@@ -135,6 +135,33 @@ class HookedModel:
             self._raw_points[name] = OutputPoint(name, None, mod)
         return self._raw_points[name]
 
+    def add_hook_point(self, point: HookPoint, *, after: str | None = None) -> Callable[[], None]:
+        """Register an extra named point (e.g. an SAE's latents) until the returned function removes it.
+
+        The point joins the forward order right after ``after`` (and after extras already placed
+        there; at the end when ``after`` is None or a raw HF path), so ``hook_point``, ``hook_names``,
+        name predicates, ``hooks`` and ``run_with_cache`` treat it like a canonical point. Whoever
+        registers it runs it (``point.run(x)``) from a hook function on a real point.
+        """
+        if point.name in self._points:
+            raise ValueError(f"hook point {point.name!r} already exists")
+        names = list(self._points)
+        i = len(names)
+        if after is not None:
+            self.hook_point(after)  # an unknown name raises with the closest valid ones
+            if after in self._points:
+                i = names.index(after) + 1
+                while i < len(names) and names[i].startswith(after + "."):
+                    i += 1
+        items = list(self._points.items())
+        self._points = dict(items[:i] + [(point.name, point)] + items[i:])
+
+        def remove() -> None:
+            if self._points.get(point.name) is point:
+                del self._points[point.name]
+
+        return remove
+
     def _build_points(self) -> dict[str, HookPoint]:
         a, c = self.adapter, self.cfg
         points: dict[str, HookPoint] = {"hook_embed": OutputPoint("hook_embed", None, self.module(a.embed))}
@@ -239,6 +266,15 @@ class HookedModel:
         finally:
             for remove in reversed(removers):
                 remove()
+
+    @contextmanager
+    def saes(self, *saes: Any, use_error_term: bool = False) -> Iterator[HookedModel]:
+        """Run with each SAE's reconstruction at its hook point, its latents as ``{hook}.hook_sae_acts``
+        (see :func:`mechscope.saes.splice.splice`)."""
+        from mechscope.saes.splice import splice  # models must not import saes at load time
+
+        with splice(self, *saes, use_error_term=use_error_term) as model:
+            yield model
 
     def add_hook(self, name: NameSpec, fn: HookFn) -> Callable[[], None]:
         """Attach a hook until the returned function (or :meth:`reset_hooks`) removes it."""

@@ -1,0 +1,71 @@
+"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+``acts = ReLU(TopK_k(pre))``: the ``k`` largest pre-activations of each token survive, so L0 is set
+directly (at most ``k``; fewer only when fewer than ``k`` are positive) and there is no sparsity
+penalty. AuxK keeps latents from dying: the ``k_aux`` largest pre-activations among
+the *dead* latents (a mask the trainer passes) reconstruct the main reconstruction's error
+``e = x - recon`` with the decoder alone, ``L_aux = ||e - W_dec^T z_aux||^2``, scaled by
+``min(n_dead / k_aux, 1)`` so that few dead latents do not get an outsized push (as in SAELens and
+sparsify). Only dead latents receive gradient from it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechscope.saes.sae import SAE, SAEConfig
+
+
+def topk_acts(pre: Float[Tensor, "... d_sae"], k: int) -> Float[Tensor, "... d_sae"]:
+    """Keep the ``k`` largest entries of each row (then ReLU), zero the rest."""
+    values, index = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, index, values.relu())
+
+
+class TopKSAE(SAE):
+    """Exactly-k latents per token; loss ``mse + aux_coefficient * aux``."""
+
+    KIND = "topk"
+    DEFAULTS: ClassVar = {"k": 32, "k_aux": lambda cfg: max(1, cfg.d_out // 2), "aux_coefficient": 1 / 32}
+    COEFFICIENTS: ClassVar = {"aux": "aux_coefficient"}
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        for name in ("k", "k_aux"):
+            if not 1 <= getattr(cfg, name) <= cfg.d_sae:
+                raise ValueError(f"{name} must be in [1, d_sae={cfg.d_sae}], got {getattr(cfg, name)}")
+        if cfg.aux_coefficient < 0:
+            raise ValueError(f"aux_coefficient must be >= 0, got {cfg.aux_coefficient}")
+
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        return topk_acts(pre, self.cfg.k)
+
+    def aux_losses(self, pre, acts, recon_n, target_n, dead_mask) -> dict[str, Tensor]:
+        zero = {"aux": recon_n.new_zeros(())}
+        if dead_mask is None:
+            return zero
+        if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
+            raise ValueError(
+                f"dead_mask must be a bool [{self.cfg.d_sae}] tensor, "
+                f"got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return zero
+        k_aux = min(self.cfg.k_aux, n_dead)
+        # -inf keeps live latents out of the selection (k_aux <= n_dead), so they get no gradient.
+        z_aux = topk_acts(pre.masked_fill(~dead_mask.to(pre.device), float("-inf")), k_aux)
+        residual = (target_n - recon_n).detach()
+        loss = (z_aux @ self.W_dec - residual).pow(2).sum(-1).mean()
+        return {"aux": loss * min(n_dead / self.cfg.k_aux, 1.0)}
+
+    @torch.no_grad()
+    def fold_decoder_norm_(self) -> None:
+        raise ValueError(
+            f"{self.KIND}: rescaling latents changes which are the top k, so decoder norms cannot be folded; "
+            "use normalise_decoder_() (training keeps them at 1 anyway)"
+        )
