@@ -1,4 +1,4 @@
-"""``mechscope harvest``: a model's activations over a corpus, into an activation store.
+"""``mechscope harvest``, ``train-sae``, ``eval-sae``: from a model and a corpus to a trained, evaluated SAE.
 
 ``cli/main.py`` registers the commands here with ``sae_commands.register(app, _friendly)``. This
 module imports nothing from ``main`` at import time (only inside the commands), so the two can be
@@ -17,14 +17,19 @@ from typing import Annotated
 import typer
 
 from mechscope.data.contexts import ContextConfig
+from mechscope.saes.arch import KINDS
 from mechscope.saes.harvest import HarvestConfig
 from mechscope.saes.store import DTYPES
+from mechscope.saes.train import TrainConfig
 
 _H = {f.name: f.default for f in fields(HarvestConfig)}
 _C = {f.name: f.default for f in fields(ContextConfig)}
-# Choices from the registry of stored dtypes, never a hand-kept list.
+_T = {f.name: f.default for f in fields(TrainConfig)}
+# Choices from the registries (stored dtypes, SAE kinds), never a hand-kept list.
 StoredDtype = enum.Enum("StoredDtype", {k: k for k in DTYPES}, type=str)
 _DEFAULT_DTYPE = StoredDtype(_H["dtype"])
+Kind = enum.Enum("Kind", {k: k for k in KINDS}, type=str)
+_DEFAULT_KIND = Kind("topk")
 
 
 def _progress_bar(err):
@@ -161,6 +166,220 @@ def harvest(
     console.print(table)
 
 
+def _source(
+    store: Path | None,
+    model: str | None,
+    hook: str | None,
+    out_hook: str | None,
+    corpus: str,
+    context_length: int,
+    seed: int,
+):
+    """An activation store, or the model streamed over a corpus (no disk)."""
+    from mechscope.saes.sources import StoreSource, StreamSource
+
+    if (store is None) == (model is None):
+        raise ValueError(
+            "give exactly one of --store DIR (harvested activations) or --model NAME (streaming)"
+        )
+    if store is not None:
+        return StoreSource(store, hook, out_hook), None
+    if hook is None:
+        raise ValueError("streaming from --model needs --hook, e.g. --hook blocks.5.hook_resid_post")
+    from mechscope.cli.main import _load
+
+    m = _load(model)
+    ctx = ContextConfig(context_length=context_length, seed=seed)
+    return StreamSource(m, corpus, hook, out_hook, contexts=ctx), m
+
+
+def train_sae(
+    out: Annotated[
+        Path, typer.Argument(help="Run directory: created, or resumed if it holds this same run.")
+    ],
+    store: Annotated[
+        Path | None, typer.Option(help="Activation store to train on (mechscope harvest).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Train while streaming this model's activations instead (no disk).")
+    ] = None,
+    hook: Annotated[
+        str | None, typer.Option(help="Hook point read (default: the store's only hook).")
+    ] = None,
+    out_hook: Annotated[
+        str | None, typer.Option(help="Transcoder: the hook point reconstructed (must be in the store too).")
+    ] = None,
+    corpus: Annotated[str, typer.Option(help="Corpus when streaming (see mechscope harvest).")] = "default",
+    context_length: Annotated[int, typer.Option(min=2, help="Tokens per context when streaming.")] = _C[
+        "context_length"
+    ],
+    kind: Annotated[Kind, typer.Option(help="SAE architecture.")] = _DEFAULT_KIND,
+    expansion: Annotated[int, typer.Option(min=1, help="d_sae = expansion x d_in.")] = 8,
+    k: Annotated[int | None, typer.Option(help="topk / batchtopk: active latents per token.")] = None,
+    l1_coefficient: Annotated[float | None, typer.Option(help="relu: L1 weight.")] = None,
+    l0_coefficient: Annotated[float | None, typer.Option(help="jumprelu: L0 weight.")] = None,
+    tokens: Annotated[int, typer.Option(min=1, help="Training tokens.")] = _T["n_tokens"],
+    batch_size: Annotated[int, typer.Option(min=1, help="Tokens per step (global under torchrun).")] = _T[
+        "batch_size"
+    ],
+    lr: Annotated[float, typer.Option(help="Adam's peak learning rate.")] = _T["lr"],
+    lr_warmup: Annotated[float, typer.Option(help="Fraction of steps of linear LR warm-up.")] = _T[
+        "lr_warmup"
+    ],
+    lr_decay: Annotated[
+        float, typer.Option(help="Fraction of steps of linear LR decay to 0 at the end.")
+    ] = _T["lr_decay"],
+    sparsity_warmup: Annotated[
+        float, typer.Option(help="Fraction of steps of sparsity-coefficient warm-up.")
+    ] = _T["sparsity_warmup"],
+    dead_tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens without firing after which a latent is dead.")
+    ] = _T["dead_tokens"],
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = _T[
+        "checkpoint_every"
+    ],
+    log_every: Annotated[int, typer.Option(min=1, help="Steps between metrics.jsonl lines.")] = _T[
+        "log_every"
+    ],
+    seed: Annotated[int, typer.Option(help="Seed of the batch order and of the SAE's initialisation.")] = _T[
+        "seed"
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON.")] = False,
+):
+    """Train a sparse autoencoder on harvested (--store) or streamed (--model) activations.
+
+    Interrupt it at any time and run the same command again: it resumes from the last checkpoint and
+    ends with the same weights and the same metrics.jsonl as an uninterrupted run. Under torchrun
+    (torchrun --nproc-per-node N -m mechscope.cli.main train-sae ...) it trains data-parallel.
+
+    Example: mechscope train-sae runs/l5 --store acts/ --kind topk --k 32 --tokens 2000000
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mechscope.cli.main import _emit_json, console, err
+    from mechscope.saes.distributed import device_for_rank, init_from_env
+    from mechscope.saes.sae import SAEConfig
+    from mechscope.saes.train import train_sae as run
+
+    rank, _ = init_from_env()
+    source, m = _source(store, model, hook, out_hook, corpus, context_length, seed)
+    d_in, d_out = source.widths
+    extra = {"k": k, "l1_coefficient": l1_coefficient, "l0_coefficient": l0_coefficient}
+    sae_cfg = SAEConfig(
+        d_in=d_in,
+        d_sae=expansion * d_in,
+        d_out=d_out if out_hook else None,
+        kind=kind.value,
+        hook_name=source.hook,
+        out_hook_name=out_hook,
+        model_name=source.identity().get("model", model or ""),
+        seed=seed,
+        **{k_: v for k_, v in extra.items() if v is not None},
+    )
+    cfg = TrainConfig(
+        n_tokens=tokens,
+        batch_size=batch_size,
+        lr=lr,
+        lr_warmup=lr_warmup,
+        lr_decay=lr_decay,
+        sparsity_warmup=sparsity_warmup,
+        dead_tokens=dead_tokens,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        seed=seed,
+    )
+    bar = Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=rank != 0,
+    )
+    task = bar.add_task("train", total=cfg.steps, info="")
+    last: dict = {}
+
+    def show(p) -> None:
+        last.update(p.metrics)
+        mt = p.metrics
+        info = f"{mt.get('tokens_per_s', 0):,.0f} tok/s"
+        if "fvu" in mt:
+            info += f"  fvu {mt['fvu']:.3f}  L0 {mt['l0']:.1f}  dead {mt['dead_fraction']:.1%}"
+        bar.update(task, completed=p.step, info=info)
+
+    device = m.device if m is not None else device_for_rank()
+    with bar:
+        run(source, sae_cfg, cfg, out, device=device, progress=show)
+    if rank != 0:
+        return
+    summary = {"run": str(out.resolve()), "sae": str((out / "sae").resolve()), **last}
+    if as_json:
+        return _emit_json(summary)
+    from rich.table import Table
+
+    table = Table("", "", title=f"trained {kind.value} SAE, {sae_cfg.d_sae} latents", show_header=False)
+    for key, v in summary.items():
+        table.add_row(key, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+def eval_sae(
+    sae: Annotated[Path, typer.Argument(help="SAE directory (native, SAELens or Gemma Scope format).")],
+    store: Annotated[Path, typer.Option(help="Activation store with the SAE's hook point(s).")],
+    tokens: Annotated[int, typer.Option(min=1, help="Stored tokens to evaluate reconstruction on.")] = 1
+    << 16,
+    model: Annotated[
+        str | None, typer.Option(help="Also splice the SAE into this model: CE loss recovered and KL.")
+    ] = None,
+    contexts: Annotated[int, typer.Option(min=1, help="Stored contexts for the downstream loss.")] = 64,
+    html: Annotated[Path | None, typer.Option(help="Write the feature-density histogram here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+):
+    """Evaluate an SAE: L0, MSE, FVU, dead / dense latents, density histogram; with --model, CE loss recovered.
+
+    Example: mechscope eval-sae runs/l5/sae --store acts/ --model smollm2-135m --html density.html
+    """
+    from itertools import islice
+
+    from mechscope.cli.main import _emit_json, _load, console
+    from mechscope.saes.evals import evaluate_sae, store_contexts
+    from mechscope.saes.formats import load_sae
+    from mechscope.saes.sources import StoreSource
+
+    s = load_sae(sae)
+    src = StoreSource(store, s.cfg.hook_name, s.cfg.out_hook_name)
+    if src.widths != (s.cfg.d_in, s.cfg.d_out):
+        raise ValueError(
+            f"the SAE is {s.cfg.d_in} -> {s.cfg.d_out} wide but the store's rows are {src.widths}"
+        )
+    batch = 4096
+    batches = islice(src.batches(min(batch, tokens), seed=0), max(1, tokens // batch))
+    m = _load(model) if model else None
+    ctx = store_contexts(src.store, contexts) if m is not None else None
+    if m is not None:
+        s = s.to(m.device)
+    result = evaluate_sae(s, batches, model=m, contexts=ctx)
+    if html is not None:
+        html.write_text(
+            f"<!doctype html><meta charset=utf-8><title>{sae.name}: feature density</title>"
+            + result.density_histogram()
+        )
+    data = result.to_dict()
+    if as_json:
+        return _emit_json(data)
+    from rich.table import Table
+
+    table = Table("metric", "value", title=f"SAE {sae}")
+    for part in data.values():
+        for key, v in (part or {}).items():
+            table.add_row(key, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
 def register(app: typer.Typer, friendly: Callable) -> None:
     """Add this module's commands to ``app``, each wrapped in ``friendly`` (main's error handler)."""
     app.command("harvest")(friendly(harvest))
+    app.command("train-sae")(friendly(train_sae))
+    app.command("eval-sae")(friendly(eval_sae))

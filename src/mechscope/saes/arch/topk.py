@@ -17,7 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechscope.saes.sae import SAE, SAEConfig
+from mechscope.saes.arch.sparse import SPARSE_DTYPES, gathered_pre_acts, scatter_dense, sparse_decode
+from mechscope.saes.sae import SAE, SAEConfig, SAEOutput
 
 
 def topk_acts(pre: Float[Tensor, "... d_sae"], k: int) -> Float[Tensor, "... d_sae"]:
@@ -44,15 +45,66 @@ class TopKSAE(SAE):
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         return topk_acts(pre, self.cfg.k)
 
-    def aux_losses(self, pre, acts, recon_n, target_n, dead_mask) -> dict[str, Tensor]:
-        zero = {"aux": recon_n.new_zeros(())}
+    def forward(self, x, target=None, *, dead_mask=None) -> SAEOutput:
+        # Training steps take the sparse kernels (same maths, a fraction of the work); inference and kinds
+        # that select latents differently (BatchTopK overrides ``activation``) take the dense path.
+        sparse = (
+            self.training
+            and torch.is_grad_enabled()
+            and x.ndim == 2
+            and self.dtype in SPARSE_DTYPES
+            and type(self).activation is TopKSAE.activation
+        )
+        if not sparse:
+            return super().forward(x, target, dead_mask=dead_mask)
+        if target is None:
+            if self.cfg.is_transcoder:
+                raise ValueError("a transcoder reconstructs another hook point: pass target=")
+            target = x
+        x_in = x.to(self.dtype) * self.input_scale
+        if self.cfg.apply_b_dec_to_input:
+            x_in = x_in - self.b_dec
+        with torch.no_grad():
+            pre = x_in @ self.W_enc + self.b_enc
+        idx = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
+        values = gathered_pre_acts(x_in, self.W_enc, self.b_enc, pre, idx).relu()
+        recon_n = sparse_decode(values, idx, self.W_dec) + self.b_dec
+        target_n = target.to(self.dtype) * self.output_scale
+        losses = {"mse": (recon_n - target_n).pow(2).sum(-1).mean()}
+        losses["aux"] = self._sparse_aux(x_in, pre, recon_n, target_n, dead_mask)
+        return SAEOutput(recon_n / self.output_scale, scatter_dense(values, idx, self.cfg.d_sae), pre, losses)
+
+    def _sparse_aux(self, x_in, pre, recon_n, target_n, dead_mask) -> Tensor:
+        """AuxK as in :meth:`aux_losses`, on the sparse kernels."""
         if dead_mask is None:
-            return zero
+            return recon_n.new_zeros(())
+        self._check_dead_mask(dead_mask)
+        if not dead_mask.any():
+            return recon_n.new_zeros(())
+        n_dead = int(dead_mask.sum())
+        k_aux = min(self.cfg.k_aux, n_dead)
+        idx = (
+            pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+            .topk(k_aux, dim=-1, sorted=False)
+            .indices
+        )
+        z = gathered_pre_acts(x_in, self.W_enc, self.b_enc, pre, idx).relu()
+        residual = (target_n - recon_n).detach()
+        loss = (sparse_decode(z, idx, self.W_dec) - residual).pow(2).sum(-1).mean()
+        return loss * min(n_dead / self.cfg.k_aux, 1.0)
+
+    def _check_dead_mask(self, dead_mask: Tensor) -> None:
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
             raise ValueError(
                 f"dead_mask must be a bool [{self.cfg.d_sae}] tensor, "
                 f"got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
+
+    def aux_losses(self, pre, acts, recon_n, target_n, dead_mask) -> dict[str, Tensor]:
+        zero = {"aux": recon_n.new_zeros(())}
+        if dead_mask is None:
+            return zero
+        self._check_dead_mask(dead_mask)
         n_dead = int(dead_mask.sum())
         if n_dead == 0:
             return zero
