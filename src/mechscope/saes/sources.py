@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict
 from itertools import count, islice
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -62,7 +63,7 @@ class StoreSource:
 
     def __init__(
         self,
-        store: ActivationStore | str,
+        store: ActivationStore | str | Path,
         hook: str | None = None,
         out_hook: str | None = None,
         *,

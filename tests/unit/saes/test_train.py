@@ -220,3 +220,59 @@ def test_store_and_stream_sources_train(llama, tmp_path):
         rows = metrics(tmp_path / name)
         assert rows[-1]["fvu"] < rows[0]["fvu"], name
     assert json.loads((tmp_path / "stream/run.json").read_text())["source"]["source"] == "stream"
+
+
+def test_resume_survives_a_kill_between_checkpoint_renames(tmp_path):
+    source = TensorSource(sparse_data(n=1000))
+    whole = _train(tmp_path / "whole", source)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "broken", source, stop_at=17)
+    run = tmp_path / "broken"
+    (run / "checkpoint").rename(run / "checkpoint.old")  # killed after moving the old one away...
+    (run / "checkpoint.tmp").mkdir()  # ...with a half-written new one beside it
+    (run / "checkpoint.tmp" / "sae_weights.safetensors").write_bytes(b"torn")
+    resumed = _train(run, source)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cli_train_and_eval(llama, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import _friendly
+    from mechscope.cli.sae_commands import register
+
+    app = typer.Typer()
+    register(app, _friendly)
+    hook = "blocks.1.hook_resid_post"
+    ctx = ContextConfig(context_length=32, seed=3)
+    harvest(llama, _corpus(), tmp_path / "s", HarvestConfig(hooks=(hook,), n_tokens=32 * 20, contexts=ctx))
+    args = [
+        "train-sae",
+        str(tmp_path / "run"),
+        "--store",
+        str(tmp_path / "s"),
+        "--k",
+        "4",
+        "--expansion",
+        "2",
+    ]
+    args += ["--tokens", "1280", "--batch-size", "64", "--log-every", "5", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["step"] == 20 and out["l0"] <= 4
+    assert out["fvu"] == metrics(tmp_path / "run")[-1]["fvu"]
+    args = ["eval-sae", str(tmp_path / "run/sae"), "--store", str(tmp_path / "s"), "--tokens", "256"]
+    args += ["--model", "tiny-llama", "--contexts", "4", "--html", str(tmp_path / "d.html"), "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)
+    assert ev["reconstruction"]["n_tokens"] == 256 and ev["reconstruction"]["l0"] <= 4
+    assert ev["downstream"]["n_tokens"] == 4 * 31
+    assert "<svg" in (tmp_path / "d.html").read_text()
+    bad = CliRunner().invoke(
+        app, ["train-sae", str(tmp_path / "r2"), "--store", str(tmp_path / "s"), "--model", "x"]
+    )
+    assert bad.exit_code == 2 and "exactly one of --store" in bad.output
