@@ -32,7 +32,7 @@ Kind = enum.Enum("Kind", {k: k for k in KINDS}, type=str)
 _DEFAULT_KIND = Kind("topk")
 
 
-def _progress_bar(err):
+def _progress_bar(err, disable: bool = False):
     """A Rich progress bar over tokens with tokens/s and ETA, and the callback that drives it."""
     from rich.progress import (
         BarColumn,
@@ -56,6 +56,7 @@ def _progress_bar(err):
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=disable,
     )
     task = bar.add_task("tokenizing", total=None)
     computed = [0]
@@ -115,6 +116,8 @@ def harvest(
 
     The forward stops after the deepest requested layer. Interrupt it at any time and run the same
     command again: finished shards are kept and the result is identical to an uninterrupted run.
+    Under torchrun (torchrun --nproc-per-node N -m mechscope.cli.main harvest ...) the processes share
+    the shards and write the same store.
 
     Example: mechscope harvest smollm2-135m acts/ --hook blocks.5.hook_resid_post --tokens 200000
     """
@@ -122,7 +125,10 @@ def harvest(
 
     from mechscope.cli.main import _emit_json, _load, console, err
     from mechscope.data.corpus import load_corpus
+    from mechscope.saes.distributed import init_from_env
     from mechscope.saes.harvest import harvest as run_harvest
+
+    rank, _ = init_from_env()  # under torchrun: data-parallel, process 0 reports
 
     cfg = HarvestConfig(
         hooks=tuple(hook),
@@ -135,12 +141,14 @@ def harvest(
     with err.status(f"reading corpus {corpus}"):
         text = load_corpus(corpus, text_field=text_field, config=hf_config, split=hf_split)
     m = _load(model)
-    bar, show, computed = _progress_bar(err)
+    bar, show, computed = _progress_bar(err, disable=rank != 0)
     start = time.perf_counter()
     with bar:
         store = run_harvest(
             m, text, out, cfg, model_name=model, progress=show, verify_existing=verify_existing
         )
+    if rank != 0:
+        return
     seconds = time.perf_counter() - start
     files = [f for f in out.rglob("*") if f.is_file()]
     summary = {

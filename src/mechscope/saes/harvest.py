@@ -12,11 +12,17 @@ uninterrupted run would (same contexts, same batches from the start of each shar
 that can be wrong with the request (unknown hook, a hook without a per-token vector, context
 longer than the model's window, an empty corpus, a store built differently) is an error before
 the first forward.
+
+**Data parallel.** Under ``torchrun`` every process walks the same (cheap) context stream and computes
+the shards ``i`` with ``i % world_size == rank``; shard directories are written by their process and
+listed in the manifest by process 0 after each round of ``world_size`` shards, so the store is the one
+a single process writes, byte for byte, and a kill at any moment resumes like a single-process run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -27,6 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -34,7 +41,8 @@ from mechscope.data.contexts import INDEX_FIELDS, Context, ContextConfig, contex
 from mechscope.data.corpus import Corpus, CorpusError, load_corpus
 from mechscope.models import HookedModel
 from mechscope.models.hook_names import parse
-from mechscope.saes.store import DTYPES, ActivationStore, CorruptStoreError, StoreWriter
+from mechscope.saes.distributed import rank_and_world
+from mechscope.saes.store import DTYPES, MANIFEST, ActivationStore, CorruptStoreError, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -277,35 +285,71 @@ def harvest(
         "config": asdict(cfg),
     }
     identity = _identity(model, model_name or model.name, corpus, cfg, plan, stream.packing)
-    writer = StoreWriter.open(out, identity, info, tokenizer=model.tokenizer)
-    if verify_existing:
-        _drop_corrupt(writer)
+    rank, world = rank_and_world()
+    if rank == 0:  # only one process creates, cleans and lists; the others write shard directories
+        writer = StoreWriter.open(out, identity, info, tokenizer=model.tokenizer)
+        if verify_existing:
+            _drop_corrupt(writer)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            writer = StoreWriter(Path(out), json.loads((Path(out) / MANIFEST).read_text()))
     done = [0]
 
     def tick(n: int, skipped: bool = False) -> None:
         done[0] += n
         if progress is not None:
-            progress(HarvestProgress(done[0], target * L, skipped))
+            progress(HarvestProgress(done[0] * world, target * L, skipped))  # this process' share, scaled
 
     n_shards = 0
+    mine: list[dict] = []  # records this process wrote in the current round of `world` shards
     for i, contexts in enumerate(_chain(first, shards)):
         n_shards = i + 1
-        record = writer.shards.get(i)
-        if record is not None and record["rows"] == len(contexts) * L:
-            tick(record["rows"], skipped=True)
-            continue
-        if record is not None:
+        if i % world == rank:
+            record = writer.shards.get(i)
+            if record is not None and record["rows"] == len(contexts) * L:
+                tick(record["rows"], skipped=True)
+            else:
+                index, documents, acts = _compute_shard(model, contexts, cfg, plan, tick)
+                mine.append(
+                    writer.write_files(
+                        i,
+                        index,
+                        documents,
+                        acts,
+                        contexts=len(contexts),
+                        first_context=i * cfg.shard_contexts,
+                    )
+                )
+        if i % world == world - 1:
+            _list(writer, mine, world)
+            mine = []
+    _list(writer, mine, world)  # the last, partial round
+    if rank == 0:
+        for i in [i for i in writer.shards if i >= n_shards]:  # a smaller n_tokens than last time
             writer.drop(i)
-        index, documents, acts = _compute_shard(model, contexts, cfg, plan, tick)
-        writer.write_shard(
-            i, index, documents, acts, contexts=len(contexts), first_context=i * cfg.shard_contexts
-        )
-    for i in [i for i in writer.shards if i >= n_shards]:  # a smaller n_tokens than last time
-        writer.drop(i)
-    if done[0] < target * L:
-        log.warning("corpus %r ran out after %d of %d tokens", corpus.name, done[0], target * L)
-    writer.finish()
+        if writer.manifest["n_tokens"] < target * L:
+            log.warning(
+                "corpus %r ran out after %d of %d tokens",
+                corpus.name,
+                writer.manifest["n_tokens"],
+                target * L,
+            )
+        writer.finish()
+    if world > 1:
+        dist.barrier()
     return ActivationStore.open(out)
+
+
+def _list(writer: StoreWriter, records: list[dict], world: int) -> None:
+    """List the shards every process wrote this round, from process 0 (the manifest's only writer)."""
+    if world == 1:
+        writer.add(records)
+        return
+    gathered: list[list[dict]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, records)
+    if dist.get_rank() == 0:
+        writer.add([r for part in gathered for r in part])
 
 
 def _chain(first: list[Context], rest: Iterator[list[Context]]) -> Iterator[list[Context]]:

@@ -228,6 +228,19 @@ class StoreWriter:
         **extra: Any,
     ) -> None:
         """Write shard ``i`` (index, document table, one array per hook) and list it in the manifest."""
+        self.add([self.write_files(i, index, documents, acts, **extra)])
+
+    def write_files(
+        self,
+        i: int,
+        index: Int[np.ndarray, "rows field"],
+        documents: dict[int, Any],
+        acts: dict[str, np.ndarray],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Write shard ``i``'s directory atomically and return its manifest record, *unlisted*: until
+        :meth:`add` lists it, the shard does not exist (a data-parallel harvest writes on every process
+        and lists on one)."""
         final = self.root / "shards" / shard_name(i)
         tmp = self.root / "shards" / f".tmp-{shard_name(i)}-{os.getpid()}"
         try:
@@ -245,12 +258,19 @@ class StoreWriter:
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise _disk_error(e, f"writing shard {i}") from e
-        record = {"index": i, "rows": len(index), **extra, "files": files}
-        self.manifest["shards"].append(record)
+        return {"index": i, "rows": len(index), **extra, "files": files}
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        """List shards written by :meth:`write_files` (replacing older records of the same index)."""
+        if not records:
+            return
+        before = self.manifest["shards"]
+        new = {r["index"] for r in records}
+        self.manifest["shards"] = [s for s in before if s["index"] not in new] + list(records)
         try:
             self._save()
         except OSError:
-            self.manifest["shards"].remove(record)  # the directory stays unlisted, so it does not exist
+            self.manifest["shards"] = before  # the directories stay unlisted, so they do not exist
             raise
 
     def finish(self, **info: Any) -> None:

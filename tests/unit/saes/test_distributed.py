@@ -1,4 +1,4 @@
-"""Data-parallel training: two gloo processes under torchrun give the one-process result."""
+"""Data parallel under torchrun: two gloo processes give the one-process store (byte for byte) and SAE."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import torch
 from mechscope.saes.formats import load_sae
 
 SCRIPT = Path(__file__).with_name("ddp_train_script.py")
+HARVEST = Path(__file__).with_name("ddp_harvest_script.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def run(cmd: list[str]) -> None:
@@ -23,10 +25,7 @@ def run(cmd: list[str]) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_two_gloo_processes_equal_one(tmp_path):
     run([sys.executable, str(SCRIPT), str(tmp_path / "one")])
-    run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(SCRIPT), str(tmp_path / "two")]
-    )  # fmt: skip
+    run([*TORCHRUN, str(SCRIPT), str(tmp_path / "two")])
     one, two = load_sae(tmp_path / "one/sae"), load_sae(tmp_path / "two/sae")
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
@@ -36,3 +35,20 @@ def test_two_gloo_processes_equal_one(tmp_path):
         assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-4)
         assert a["dead_fraction"] == b["dead_fraction"]
     assert json.loads((tmp_path / "two/run.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_gloo_processes_harvest_the_one_process_store(tmp_path):
+    run([sys.executable, str(HARVEST), str(tmp_path / "one")])
+    run([*TORCHRUN, str(HARVEST), str(tmp_path / "two")])
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        }
+
+    one, two = files(tmp_path / "one"), files(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    assert len([k for k in one if k.endswith("index.npy")]) == 6  # 45 contexts, 8 per shard
+    for name in one:
+        assert one[name] == two[name], name
