@@ -96,6 +96,42 @@ def saelens_trainer(x: torch.Tensor, steps: int, sparse: bool):
     return trainer
 
 
+class SparsifyStep:
+    """EleutherAI sparsify's training step on its ``SparseCoder`` (the body of its ``Trainer.fit`` for the
+    FVU loss, without the model forward): unit-norm decoder, TopK forward with AuxK on latents that have
+    not fired for ``dead_tokens``, loss ``fvu + auxk_alpha * auxk``, gradient parallel to the decoder rows
+    removed, Adam. ``b_dec`` starts at the data mean, as its trainer does. Runs on CPU with its eager
+    (non-Triton) decoder."""
+
+    def __init__(self, x: torch.Tensor, dead_tokens: int = 1 << 20, auxk_alpha: float = 1 / 32):
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        d = x.shape[1]
+        self.sae = SparseCoder(d, SparseCoderConfig(k=K, num_latents=D_SAE_FACTOR * d), device="cpu")
+        with torch.no_grad():
+            self.sae.b_dec.copy_(x[:8192].mean(0))
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=4e-4)
+        self.since = torch.zeros(self.sae.num_latents, dtype=torch.long)
+        self.dead_tokens, self.alpha = dead_tokens, auxk_alpha
+
+    def step(self, b: torch.Tensor) -> None:
+        self.sae.set_decoder_norm_to_unit_norm()
+        out = self.sae(b, dead_mask=self.since > self.dead_tokens)
+        (out.fvu + self.alpha * out.auxk_loss + out.multi_topk_fvu / 8).backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        fired = torch.zeros_like(self.since, dtype=torch.bool)
+        fired[out.latent_indices.flatten()] = True
+        self.since += len(b)
+        self.since[fired] = 0
+
+
+@torch.no_grad()
+def fvu_sparsify(t: SparsifyStep, x: torch.Tensor) -> float:
+    return float(t.sae(x).fvu)
+
+
 @torch.no_grad()
 def fvu_mechscope(t: Trainer, x: torch.Tensor) -> float:
     t.sae.eval()
@@ -116,6 +152,30 @@ def batches(x: torch.Tensor, steps: int) -> list[torch.Tensor]:
     return [x[torch.randint(0, len(x), (BATCH,), generator=g)] for _ in range(steps)]
 
 
+def make_trainers(x: torch.Tensor, steps: int, out: str, only: str | None = None) -> dict:
+    """name -> (one training step on a batch, FVU on held-out rows), for every trainer that imports."""
+    made: dict = {}
+    if only in (None, "mechscope"):
+        t = mechscope_trainer(x, steps, out)
+        made["mechscope"] = (t.train_step, lambda h, t=t: fvu_mechscope(t, h))
+    for name, sparse in (("saelens", False), ("saelens-sparse", True)):
+        if only in (None, name):
+            t = saelens_trainer(x, steps, sparse)
+
+            def step(b, t=t):
+                t.step(b)
+                t.n_training_steps += 1
+
+            made[name] = (step, lambda h, t=t: fvu_saelens(t, h))
+    if only in (None, "sparsify"):
+        try:
+            t = SparsifyStep(x)
+            made["sparsify"] = (t.step, lambda h, t=t: fvu_sparsify(t, h))
+        except ImportError as e:  # an optional peer
+            print(f"sparsify not importable ({e}); skipped", file=sys.stderr)
+    return made
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -128,15 +188,9 @@ def child(which: str, path: str, steps: int) -> None:
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS (Linux)
         f.write("5")
     base = _status_kib("VmRSS")
-    if which == "mechscope":
-        t = mechscope_trainer(x, steps, "/tmp/bench_sae_mem")
-        for b in data:
-            t.train_step(b)
-    else:
-        t = saelens_trainer(x, steps, sparse=which == "saelens-sparse")
-        for b in data:
-            t.step(b)
-            t.n_training_steps += 1
+    step, _ = make_trainers(x, steps, "/tmp/bench_sae_mem", only=which)[which]
+    for b in data:
+        step(b)
     print(json.dumps({"which": which, "peak_mib": (_status_kib("VmHWM") - base) / 1024}))
 
 
@@ -154,24 +208,9 @@ def main() -> None:
     x = load_rows(a.store)
     train, held = x[:-HELD_OUT], x[-HELD_OUT:]
     data = batches(train, a.steps)
-    ours = mechscope_trainer(train, a.steps, "/tmp/bench_sae_run")
-    peers = {
-        "saelens": saelens_trainer(train, a.steps, False),
-        "saelens-sparse": saelens_trainer(train, a.steps, True),
-    }
-    times: dict[str, list[float]] = {"mechscope": [], **{k: [] for k in peers}}
-
-    def ours_step(b):
-        ours.train_step(b)
-
-    def peer_step(t):
-        def run(b):
-            t.step(b)
-            t.n_training_steps += 1
-
-        return run
-
-    runners = {"mechscope": ours_step, **{k: peer_step(t) for k, t in peers.items()}}
+    trainers = make_trainers(train, a.steps, "/tmp/bench_sae_run")
+    runners = {name: step for name, (step, _) in trainers.items()}
+    times: dict[str, list[float]] = {k: [] for k in runners}
     names = list(runners)
     failed: dict[str, str] = {}
     for i, b in enumerate(data):
@@ -183,7 +222,7 @@ def main() -> None:
             except Exception as e:  # a peer option that does not run here is reported, not hidden
                 failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 names.remove(name)
-                del peers[name], times[name]
+                del trainers[name], times[name]
                 continue
             times[name].append(time.perf_counter() - t0)
     warm = 2  # the first steps pay one-off allocations
@@ -197,12 +236,9 @@ def main() -> None:
         "d_sae": D_SAE_FACTOR * x.shape[1],
         "k": K,
         "tokens_per_s": {k: BATCH / v for k, v in med.items()},
-        "speedup_vs": {k: med[k] / med["mechscope"] for k in peers},
+        "speedup_vs": {k: med[k] / med["mechscope"] for k in med if k != "mechscope"},
         "failed": failed,
-        "fvu_held_out": {
-            "mechscope": fvu_mechscope(ours, held),
-            **{k: fvu_saelens(t, held) for k, t in peers.items()},
-        },
+        "fvu_held_out": {k: fvu(held) for k, (_, fvu) in trainers.items()},
     }
     mem = {}
     for which in names:

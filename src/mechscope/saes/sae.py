@@ -178,7 +178,8 @@ class SAEOutput(NamedTuple):
     recon: Tensor
     """The reconstruction ``[... d_out]`` in the model's units (normalisation undone)."""
     acts: Tensor
-    """Latent activations ``[... d_sae]``."""
+    """Latent activations ``[... d_sae]``; a sparse COO tensor in TopK's training steps (see
+    :func:`mechscope.saes.arch.sparse.active_latents`)."""
     pre_acts: Tensor
     """Pre-activations ``[... d_sae]`` (encoder output before the kind's nonlinearity)."""
     losses: dict[str, Tensor]

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from mechscope.models.errors import MechscopeError
 from mechscope.saes.arch import make_sae
+from mechscope.saes.arch.sparse import active_latents
 from mechscope.saes.distributed import rank_and_world
 from mechscope.saes.formats import native
 from mechscope.saes.sae import SAE, SAEConfig, init_b_dec, init_normalisation
@@ -269,7 +270,7 @@ class Trainer:
         self.opt.step()
         sae.apply_constraints_()
         with torch.no_grad():
-            fired = (out.acts > 0).any(0)
+            fired, _ = active_latents(out.acts)
             if self.world > 1:
                 fired = fired.to(torch.uint8)
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
@@ -291,7 +292,7 @@ class Trainer:
                     [
                         (out.recon.double() - target).pow(2).sum(),
                         target.pow(2).sum(),
-                        (out.acts > 0).sum().double(),
+                        active_latents(out.acts)[1].double(),
                         loss.detach().double() * n,
                         *(v.detach().double() * n for v in out.losses.values()),
                     ]

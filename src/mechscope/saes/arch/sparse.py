@@ -40,8 +40,8 @@ class GatheredPreActs(torch.autograd.Function):
             torch.stack([idx.flatten(), rows]), grad.flatten(), (d_sae, batch), check_invariants=False
         )
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.sparse.mm(g_t.t(), W_enc.t())  # [batch, d_in]
+        if ctx.needs_input_grad[0]:  # [batch, d_in]: the chosen encoder columns, weighted
+            grad_x = F.embedding_bag(idx, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum")
         if ctx.needs_input_grad[1]:
             grad_w = torch.sparse.mm(g_t, x).t()  # [d_in, d_sae]
         if ctx.needs_input_grad[2]:
@@ -68,8 +68,24 @@ def sparse_decode(
     return F.embedding_bag(idx, W_dec, per_sample_weights=values, mode="sum")
 
 
-def scatter_dense(
-    values: Float[Tensor, "batch k"], idx: Int[Tensor, "batch k"], d_sae: int
-) -> Float[Tensor, "batch d_sae"]:
-    """The dense ``[batch d_sae]`` code (for statistics; no gradient)."""
-    return values.new_zeros(values.shape[0], d_sae).scatter_(-1, idx, values.detach())
+def sparse_code(values: Float[Tensor, "batch k"], idx: Int[Tensor, "batch k"], d_sae: int) -> Tensor:
+    """The code as a sparse COO ``[batch d_sae]`` tensor (for statistics; no gradient). A dense one would
+    cost a ``batch x d_sae`` allocation per step, more than the sparse backward itself."""
+    rows = torch.arange(values.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, idx.flatten()]),
+        values.detach().flatten(),
+        (values.shape[0], d_sae),
+        check_invariants=False,
+    )
+
+
+def active_latents(acts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(fired [d_sae] bool, number of non-zero entries)`` of a dense or sparse COO code ``[batch d_sae]``."""
+    if not acts.is_sparse:
+        active = acts > 0
+        return active.any(0), active.sum()
+    positive = acts._values() > 0
+    fired = torch.zeros(acts.shape[1], dtype=torch.bool, device=acts.device)
+    fired[acts._indices()[1][positive]] = True
+    return fired, positive.sum()

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechscope.saes.arch.sparse import SPARSE_DTYPES, gathered_pre_acts, scatter_dense, sparse_decode
+from mechscope.saes.arch.sparse import SPARSE_DTYPES, gathered_pre_acts, sparse_code, sparse_decode
 from mechscope.saes.sae import SAE, SAEConfig, SAEOutput
 
 
@@ -72,7 +72,7 @@ class TopKSAE(SAE):
         target_n = target.to(self.dtype) * self.output_scale
         losses = {"mse": (recon_n - target_n).pow(2).sum(-1).mean()}
         losses["aux"] = self._sparse_aux(x_in, pre, recon_n, target_n, dead_mask)
-        return SAEOutput(recon_n / self.output_scale, scatter_dense(values, idx, self.cfg.d_sae), pre, losses)
+        return SAEOutput(recon_n / self.output_scale, sparse_code(values, idx, self.cfg.d_sae), pre, losses)
 
     def _sparse_aux(self, x_in, pre, recon_n, target_n, dead_mask) -> Tensor:
         """AuxK as in :meth:`aux_losses`, on the sparse kernels."""
