@@ -1,9 +1,9 @@
-"""SAE training throughput: mechscope's Trainer vs SAELens' SAETrainer, same activations, same architecture.
+"""SAE training throughput: mechscope's Trainer vs SAELens' and sparsify's, same activations, same architecture.
 
 Issue #5's target: tokens/s >= 2x SAELens' at equal or better FVU at equal L0. Run it in a virtual
-environment that has both (SAELens pins its own dependencies, so it lives beside the project's):
+environment that has the peers (SAELens pins its own dependencies, so it lives beside the project's):
 
-    python -m venv /tmp/slvenv && /tmp/slvenv/bin/pip install sae-lens
+    python -m venv /tmp/slvenv && /tmp/slvenv/bin/pip install torch==2.13.0 sae-lens eai-sparsify
     echo /work/main/src > /tmp/slvenv/lib/python3.11/site-packages/mechscope.pth   # mechscope importable
     mechscope harvest smollm2-135m /tmp/bench_store --hook blocks.6.hook_resid_post --tokens 131072
     /tmp/slvenv/bin/python benchmarks/bench_sae_training.py /tmp/bench_store [--steps 40 --threads 2]
