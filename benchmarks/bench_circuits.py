@@ -2,10 +2,13 @@
 
 1. Composition scores for every head pair of a model: mechscope's batched Gram-matrix computation
    vs a per-pair loop over dense d_model x d_model products (the textbook formula).
-2. Toy models of superposition: one vectorised run of N instances vs N single-instance runs
-   (the single-run time is measured on a few and extrapolated, stated in the output).
+2. Toy models of superposition: one vectorised run of ``--instances`` instances vs ``--singles``
+   single-instance runs (different sparsities), timed alternately in one process with
+   ``_timing.compare``; reported as instances trained per second, and the vectorised run's cost in
+   single runs. A third timing runs the same vectorised sweep through autograd (the loop
+   ``train`` used before its hand-written backward), to show what the hand-written pass buys.
 
-Usage: .venv/bin/python benchmarks/bench_circuits.py [--model smollm2-135m] [--pairs 200]
+Usage: .venv/bin/python benchmarks/bench_circuits.py [--model smollm2-135m] [--pairs 200] [--skip-composition]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import time
 
 import torch
+from _timing import compare, describe, machine
 
 import mechscope as ms
 from mechscope.circuits.composition import composition_scores
@@ -49,10 +53,62 @@ def main() -> None:
         "--pairs", type=int, default=200, help="pairs timed for the naive loop (then extrapolated)"
     )
     p.add_argument("--instances", type=int, default=100)
+    p.add_argument("--singles", type=int, default=5, help="single-instance runs per timing")
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-composition", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
+    print(machine())
+    if not args.skip_composition:
+        bench_composition(args)
+    bench_superposition(args)
 
+
+def autograd_fit(cfg: sp.ToyConfig) -> sp.ToyModel:
+    """The sweep trained through autograd on the public forward / loss (the loop before the hand-written backward)."""
+    model = sp.ToyModel(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    for _ in range(cfg.steps):
+        x = model.sample(cfg.batch_size, g)
+        loss = model.loss(x, model(x))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def bench_superposition(args) -> None:
+    sparsities = tuple(torch.linspace(0, 0.99, args.instances).tolist())
+    vectorised = sp.ToyConfig(sparsities=sparsities, steps=args.steps)
+    singles = [
+        sp.ToyConfig(sparsities=(s,), steps=args.steps) for s in sparsities[:: args.instances // args.singles]
+    ]
+    singles = singles[: args.singles]
+
+    def run_singles():
+        for cfg in singles:
+            sp.train(cfg, log_every=0)
+
+    r = compare(run_singles, lambda: sp.train(vectorised, log_every=0), repeats=args.repeats, warmup=0)
+    single = r["plain_median_s"] / len(singles)
+    per_s = (args.instances / r["cand_median_s"]) / (len(singles) / r["plain_median_s"])
+    print(f"superposition, {args.instances} instances x {args.steps} steps vs {len(singles)} single runs:")
+    print(f"  {describe(r)}")
+    print(
+        f"  one vectorised run {r['cand_median_s']:.2f} s = {r['cand_median_s'] / single:.1f} single runs "
+        f"({single:.3f} s each); instances per second {per_s:.1f}x those of single runs"
+    )
+    start = time.perf_counter()
+    autograd_fit(vectorised)
+    old = time.perf_counter() - start
+    print(
+        f"  the same sweep through autograd: {old:.2f} s ({old / r['cand_median_s']:.1f}x the hand-written pass)"
+    )
+
+
+def bench_composition(args) -> None:
     model = ms.load_model(args.model)
     c = model.cfg
     n_pairs = c.n_heads**2 * c.n_layers * (c.n_layers - 1) // 2
@@ -66,22 +122,6 @@ def main() -> None:
         f"  batched {batched:.1f} s; naive loop {per_pair * 1e3:.1f} ms/pair (timed on {args.pairs}) -> {naive:.0f} s"
     )
     print(f"  ratio naive / batched = {naive / batched:.1f}x")
-
-    sparsities = tuple(torch.linspace(0, 0.99, args.instances).tolist())
-    start = time.perf_counter()
-    sp.train(sp.ToyConfig(sparsities=sparsities, steps=args.steps), log_every=0)
-    vectorised = time.perf_counter() - start
-    singles = []
-    for s in sparsities[:5]:
-        start = time.perf_counter()
-        sp.train(sp.ToyConfig(sparsities=(s,), steps=args.steps), log_every=0)
-        singles.append(time.perf_counter() - start)
-    single = sum(singles) / len(singles)
-    print(f"superposition, {args.instances} instances x {args.steps} steps:")
-    print(f"  one vectorised run {vectorised:.1f} s; one single-instance run {single:.2f} s (mean of 5)")
-    print(
-        f"  vectorised run = {vectorised / single:.1f} single runs; {args.instances} separate runs would be {args.instances * single / vectorised:.1f}x slower"
-    )
 
 
 if __name__ == "__main__":

@@ -399,6 +399,12 @@ def toy_attn_only(
     d_model: Annotated[int, typer.Option(help="Residual width.")] = 128,
     heads: Annotated[int, typer.Option(help="Heads per layer.")] = 4,
     n_ctx: Annotated[int, typer.Option(help="Context length in bytes.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warmup, then cosine).")] = 1e-3,
+    repeat_fraction: Annotated[
+        float, typer.Option(help="Share of rows that repeat a stretch of text (rewards induction).")
+    ] = 0.0,
+    eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = 100,
     out: Annotated[Path, typer.Option(help="Checkpoint directory (loads with load_model).")] = Path(
         "attn-only"
     ),
@@ -406,7 +412,10 @@ def toy_attn_only(
 ):
     """Train an attention-only transformer on offline text, save it, and print what its weights say.
 
-    Example: mechscope toy attn-only --layers 2 --steps 1500
+    With layers >= 1 the training curves (loss, in-context-learning score, induction and
+    previous-token scores) are also written to OUT/phase_change.svg.
+
+    Example: mechscope toy attn-only --layers 2 --steps 3000 --repeat-fraction 0.5 --lr 3e-3
     """
     import logging
 
@@ -418,9 +427,24 @@ def toy_attn_only(
     )
 
     logging.getLogger("mechscope").setLevel(logging.INFO)
-    cfg = AttnOnlyTrainConfig(n_layers=layers, steps=steps, d_model=d_model, n_heads=heads, n_ctx=n_ctx)
+    cfg = AttnOnlyTrainConfig(
+        n_layers=layers,
+        steps=steps,
+        d_model=d_model,
+        n_heads=heads,
+        n_ctx=n_ctx,
+        batch_size=batch_size,
+        lr=lr,
+        repeat_fraction=repeat_fraction,
+        eval_every=eval_every,
+    )
     with err.status(f"training a {layers}-layer attention-only model"):
         model, history = train_attn_only(cfg, out_dir=out)
+    if layers >= 1:
+        from mechscope.toy.train_attn_only import phase_change_step
+        from mechscope.viz.phase_change import render_phase_change_svg
+
+        (out / "phase_change.svg").write_text(render_phase_change_svg(history, phase_change_step(history)))
     analysis: dict = {}
     if layers == 0:
         table = bigram_table(model)

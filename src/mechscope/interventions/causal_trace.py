@@ -13,9 +13,13 @@ effect* of that state. Three kinds, as in the paper's Figure 1:
 The noise is ``k`` times a standard deviation of embeddings (ROME: 3 x the std over its subjects'
 embeddings; :func:`noise_scale` computes it over texts you give, by default over the prompt itself).
 Variants share forwards on the batch axis (``variants x samples`` rows), chunked to a memory
-budget; results equal one forward per variant (tested). :func:`average_indirect_effect` pools
+budget. A variant equals the corrupted run below its lowest restored layer, so its forward starts
+there from the corrupted run's cached residual stream; positions before the subject are not run at
+all (the corrupted run equals the clean one there). Results equal one full forward per variant
+(tested). :func:`average_indirect_effect` pools
 traces of many prompts by ROME's token categories (first / middle / last subject token, first
-subsequent token, further tokens, last token).
+subsequent token, further tokens, last token) the way ROME's ``average_causal_effects`` notebook
+does: :func:`category_positions`, :func:`category_samples`.
 """
 
 from __future__ import annotations
@@ -179,15 +183,20 @@ def causal_trace(
     g = torch.Generator().manual_seed(seed)
     draws = torch.randn(samples, len(subj), model.cfg.d_model, generator=g) * sd
 
-    def run(variants: list[list[tuple[str, int]]]) -> Tensor:
+    def corrupt(x: Tensor, hook: HookPoint) -> Tensor:
+        x = x.clone()
+        x[:, subj] += draws.to(x.device, x.dtype)
+        return x
+
+    # The corrupted run once, its residual stream kept: a variant equals it below its lowest
+    # restored layer, so that variant's forward starts there (HookedModel.start_at).
+    starts = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
+    with model.hooks({"hook_embed": corrupt}):
+        logits_c, corrupted = model.run_with_cache(ids.repeat(samples, 1), starts)
+    corrupted_p = float(logits_c[:, -1].float().softmax(-1)[:, target].mean())
+
+    def run(start: int, variants: list[list[tuple[str, int]]]) -> Tensor:
         """Mean answer probability of each variant (a list of (hook name, position) restored)."""
-        rows = len(variants) * samples
-
-        def corrupt(x: Tensor, hook: HookPoint) -> Tensor:
-            x = x.clone()
-            x[:, subj] += draws.to(x.device, x.dtype).repeat(len(variants), 1, 1)
-            return x
-
         where: dict[str, list[tuple[int, int]]] = {}
         for v, restores in enumerate(variants):
             for name, p in restores:
@@ -199,11 +208,11 @@ def causal_trace(
                 x[v * samples : (v + 1) * samples, p] = clean[hook.name][0, p]
             return x
 
-        with model.hooks({"hook_embed": corrupt, **{n: restore for n in where}}):
-            out = model(ids.repeat(rows, 1), logits_to_keep=1)
+        resid = corrupted[starts[start]].repeat(len(variants), 1, 1)
+        with model.start_at(start, resid), model.hooks({n: restore for n in where}):
+            out = model(ids.repeat(len(variants) * samples, 1), logits_to_keep=1)
         return out[:, -1].float().softmax(-1)[:, target].view(len(variants), samples).mean(1).cpu()
 
-    corrupted_p = float(run([[]])[0])
     per_variant = _row_bytes(model, n_pos, False, 1) * samples
     if memory_budget < per_variant:
         raise ValueError(
@@ -212,19 +221,25 @@ def causal_trace(
     chunk = max(1, memory_budget // per_variant)
     scores = {}
     for kind in kinds:
-        hook = KINDS[kind]
-        span = (
-            (lambda layer: [layer])
-            if kind == "state"
-            else (lambda layer: window_layers(layer, window, n_layers))
-        )
-        variants = [
-            [(f"blocks.{j}.{hook}", p) for j in span(layer)]
-            for layer in range(n_layers)
-            for p in range(n_pos)
+        spans = [
+            range(i, i + 1) if kind == "state" else window_layers(i, window, n_layers)
+            for i in range(n_layers)
         ]
-        values = torch.cat([run(variants[i : i + chunk]) for i in range(0, len(variants), chunk)])
-        scores[kind] = values.view(n_layers, n_pos)
+        # Before the subject the corrupted run equals the clean one (the noise is at the subject and
+        # attention is causal), so restoring there changes nothing: those cells need no forward.
+        grid = torch.full((n_layers, n_pos), corrupted_p)
+        by_start: dict[int, list[tuple[int, int]]] = {}
+        for layer, span in enumerate(spans):
+            by_start.setdefault(span[0], []).extend((layer, p) for p in range(subj[0], n_pos))
+        for start, cells in by_start.items():
+            for i in range(0, len(cells), chunk):
+                part = cells[i : i + chunk]
+                values = run(
+                    start, [[(f"blocks.{j}.{KINDS[kind]}", p) for j in spans[layer]] for layer, p in part]
+                )
+                for (layer, p), value in zip(part, values.tolist(), strict=True):
+                    grid[layer, p] = value
+        scores[kind] = grid
     return CausalTrace(
         scores,
         clean_p,
@@ -236,31 +251,48 @@ def causal_trace(
     )
 
 
-def average_indirect_effect(traces: Sequence[CausalTrace]) -> dict[str, Float[Tensor, "category layer"]]:
-    """Mean indirect effect per ROME token category (:data:`CATEGORIES`) and layer, over prompts.
+def category_positions(subject: Sequence[int], n_tokens: int) -> list[list[int]]:
+    """The token positions of each ROME token category (:data:`CATEGORIES`) in one prompt.
 
-    A category a prompt lacks (e.g. middle tokens of a one-token subject) is averaged over the
-    prompts that have it; NaN where none has.
+    As ROME's ``notebooks/average_causal_effects.ipynb`` reads a trace: first subject token, the
+    subject tokens between first and last, last subject token, the token right after the subject
+    (the *first subsequent token*, even when it is also the last token), the tokens between it and
+    the last token (*further tokens*), and the last token. A one-token subject is both first and
+    last subject token. Empty lists where a prompt has none (no middle tokens in a subject of one or
+    two tokens; no subsequent token when the subject ends the prompt).
+    """
+    s, n = list(subject), n_tokens
+    after = [s[-1] + 1] if s[-1] + 1 < n else []
+    return [[s[0]], s[1:-1], [s[-1]], after, list(range(s[-1] + 2, n - 1)), [n - 1]]
+
+
+def category_samples(traces: Sequence[CausalTrace], kind: str) -> list[Float[Tensor, "n layer"]]:
+    """Per ROME token category, one row per (prompt, position) in it: that position's indirect effect.
+
+    The rows pool over prompts *and* positions, as ROME's ``Avg.add_all`` does: a prompt with five
+    middle subject tokens adds five rows to that category. Each row is relative to its own prompt's
+    corrupted probability. A category no prompt has gets a ``0 x layer`` tensor.
     """
     if not traces:
         raise ValueError("give at least one trace")
-    out = {}
-    for kind in traces[0].scores:
-        total = torch.zeros(len(CATEGORIES), traces[0].scores[kind].shape[0])
-        count = torch.zeros(len(CATEGORIES), 1)
-        for t in traces:
-            ie, s, n = t.indirect_effect(kind), t.subject, len(t.str_tokens)
-            groups = [
-                [s[0]],
-                s[1:-1],
-                [s[-1]],
-                [s[-1] + 1] if s[-1] + 1 < n - 1 else [],
-                list(range(s[-1] + 2, n - 1)),
-                [n - 1],
-            ]
-            for c, pos in enumerate(groups):
-                if pos:
-                    total[c] += ie[:, pos].mean(1)
-                    count[c] += 1
-        out[kind] = total / count
-    return out
+    rows: list[list[Tensor]] = [[] for _ in CATEGORIES]
+    for t in traces:
+        ie = t.indirect_effect(kind)
+        for c, pos in enumerate(category_positions(t.subject, len(t.str_tokens))):
+            rows[c].extend(ie[:, p] for p in pos)
+    n_layers = traces[0].scores[kind].shape[0]
+    return [torch.stack(r) if r else torch.empty(0, n_layers) for r in rows]
+
+
+def average_indirect_effect(traces: Sequence[CausalTrace]) -> dict[str, Float[Tensor, "category layer"]]:
+    """Mean indirect effect per ROME token category (:data:`CATEGORIES`) and layer, over prompts —
+    ROME's Figure 2, which averages the traces of 1,000 known facts this way.
+
+    Each category is the mean of its rows in :func:`category_samples` (tokens pooled over prompts);
+    NaN where no prompt has the category.
+    """
+    if not traces:
+        raise ValueError("give at least one trace")
+    return {
+        kind: torch.stack([r.mean(0) for r in category_samples(traces, kind)]) for kind in traces[0].scores
+    }

@@ -9,7 +9,12 @@ stores more features than dimensions, in superposition (antipodal pairs, pentago
 the ReLU filters the interference.
 
 Many instances (one per sparsity / importance setting) train at once: every weight has a
-leading ``instance`` axis and the loss sums over instances, so a sweep costs about one run.
+leading ``instance`` axis and the loss sums over instances. Training runs a hand-written
+backward pass (checked against autograd in the tests) over buffers allocated once, in a
+feature-major ``[instance feature batch]`` layout whose batched matmuls run along the long batch
+axis: at 100 instances a step is about ten passes over one batch-sized tensor, with no autograd
+graph and no fresh memory, and one uniform draw shared by every instance (see
+:func:`_sample_into`); ``benchmarks/README.md`` has the timing against single runs.
 Read top to bottom: config, model, data, training, then the paper's measurements.
 """
 
@@ -89,9 +94,9 @@ class ToyModel(nn.Module):
         return torch.relu(torch.baddbmm(self.b[:, None], h, self.W))
 
     def sample(self, batch: int, generator: torch.Generator) -> Float[Tensor, "instance batch n_features"]:
-        shape = (self.cfg.n_instances, batch, self.cfg.n_features)
-        present = torch.rand(shape, generator=generator) < self.feature_prob[:, None, None]
-        return torch.rand(shape, generator=generator) * present
+        x = torch.empty(self.cfg.n_instances, self.cfg.n_features, batch)
+        _sample_into(x, torch.empty(x.shape[1:]), self.feature_prob, torch.empty_like(x), generator)
+        return x.transpose(1, 2)
 
     def _repr_html_(self) -> str:
         from mechscope.viz.superposition import render_superposition_html
@@ -101,6 +106,60 @@ class ToyModel(nn.Module):
     def loss(self, x: Tensor, out: Tensor) -> Tensor:
         """Importance-weighted squared error, mean over batch, summed over instances."""
         return (self.importance[:, None] * (x - out) ** 2).mean(1).sum()
+
+
+def _sample_into(
+    x: Float[Tensor, "instance n_features batch"],
+    u: Float[Tensor, "n_features batch"],
+    feature_prob: Float[Tensor, " instance"],
+    mask: Float[Tensor, "instance n_features batch"],
+    g: torch.Generator,
+) -> None:
+    """Fill ``x`` with a batch of features, in place, from one uniform draw ``u`` shared by all instances.
+
+    With ``u ~ U[0, 1)`` and ``p`` the feature's probability of being present, ``u < p`` is
+    "present" and, given that, ``u / p`` is again uniform on [0, 1): each instance gets exactly the
+    paper's distribution (presence and value independent), from one number per entry. Sharing
+    ``u`` across instances (common random numbers) correlates their inputs, which no instance can
+    see: instances share no parameters and the loss is their sum, so each one's training is
+    distributed exactly as if it ran alone. It saves drawing ``n_instances`` times as many random
+    numbers, the costliest part of a step. (``mask`` is float: bool masks cost a conversion pass.)
+    """
+    u.uniform_(generator=g)
+    torch.div(u, feature_prob[:, None, None], out=x)
+    torch.lt(x, 1.0, out=mask)
+    x.mul_(mask)
+
+
+@torch.no_grad()
+def _set_grads(
+    model: ToyModel,
+    x: Float[Tensor, "instance n_features batch"],
+    out: Float[Tensor, "instance n_features batch"],
+    mask: Float[Tensor, "instance n_features batch"],
+    log: bool = False,
+) -> float | None:
+    """``model.loss``'s gradients by hand into ``W.grad`` / ``b.grad`` (``out``/``mask`` are scratch).
+
+    ``h = W x``, ``z = W^T h + b``, ``L = sum_i mean_batch sum_f I (ReLU(z) - x)^2``, so with
+    ``s = 2 I / batch`` and ``e = (ReLU(z) - x) [z > 0]``: ``dL/dz = s e``,
+    ``dL/dW = (h e^T) s + ((W s) e) x^T``, ``dL/db = s sum_batch e``. The per-feature ``s`` is
+    applied to the small results, not to the batch-sized ``e``. Returns the loss when ``log``.
+    """
+    W, b = model.W, model.b
+    scale = model.importance * (2.0 / x.shape[2])  # [instance n_features]
+    h = torch.bmm(W, x)  # [instance n_hidden batch]
+    torch.baddbmm(b[:, :, None], W.transpose(1, 2), h, out=out).relu_()
+    loss = float((model.importance[:, :, None] * (out - x) ** 2).mean(2).sum()) if log else None
+    torch.gt(out, 0.0, out=mask)
+    e = out.sub_(x).mul_(mask)
+    W.grad = (
+        torch.bmm(h, e.transpose(1, 2))
+        .mul_(scale[:, None])
+        .baddbmm_(torch.bmm(W * scale[:, None], e), x.transpose(1, 2))
+    )
+    b.grad = e.sum(2).mul_(scale)
+    return loss
 
 
 def train(cfg: ToyConfig, log_every: int = 1000) -> ToyModel:
@@ -120,14 +179,15 @@ def train(cfg: ToyConfig, log_every: int = 1000) -> ToyModel:
 
 def _fit(model: ToyModel, opt: torch.optim.Optimizer, g: torch.Generator, log_every: int) -> None:
     cfg = model.cfg
+    x = torch.empty(cfg.n_instances, cfg.n_features, cfg.batch_size)
+    u, out, mask = torch.empty(x.shape[1:]), torch.empty_like(x), torch.empty_like(x)
     for step in range(cfg.steps):
-        x = model.sample(cfg.batch_size, g)
-        loss = model.loss(x, model(x))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        _sample_into(x, u, model.feature_prob, mask, g)
+        log = bool(log_every) and step % log_every == 0
+        loss = _set_grads(model, x, out, mask, log)
         opt.step()
-        if log_every and step % log_every == 0:
-            logger.info("step %d loss %.5f", step, loss.item())
+        if log:
+            logger.info("step %d loss %.5f", step, loss)
 
 
 # ---------------------------------------------------------------------- the paper's views

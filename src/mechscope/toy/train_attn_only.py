@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.circuits.composition import MODES, composition_scores
 from mechscope.circuits.head_detectors import head_scores
 from mechscope.circuits.qk_ov import ov_circuit, qk_circuit
 from mechscope.models import HookedModel
@@ -47,7 +48,9 @@ class AttnOnlyTrainConfig:
     weight_decay: float = 0.01
     repeat_fraction: float = 0.0
     """Rows that repeat a stretch of the text, as real documents repeat names and phrases; this
-    rewards copying from context (0: plain text)."""
+    rewards copying from context (0: plain text). Each such row is one stretch of random length
+    (8 to half the context) said over and over, so the repeat distance varies from row to row and
+    only an induction head, not a fixed positional offset, can predict the repeats."""
     eval_every: int = 100
     seed: int = 0
 
@@ -58,6 +61,8 @@ class AttnOnlyTrainConfig:
             )
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
+        if not 0 <= self.repeat_fraction <= 1:
+            raise ValueError(f"repeat_fraction is a share of rows in [0, 1], got {self.repeat_fraction}")
 
 
 def offline_text() -> str:
@@ -68,25 +73,34 @@ def offline_text() -> str:
 
 
 def _batches(ids: Tensor, cfg: AttnOnlyTrainConfig, g: torch.Generator, bos: int):
-    """Random windows of the text; a ``repeat_fraction`` of rows are a shorter window said twice."""
+    """Random windows of the text; a ``repeat_fraction`` of rows are a shorter window said over and over."""
     n = cfg.n_ctx - 1
     while True:
         starts = torch.randint(0, len(ids) - n, (cfg.batch_size,), generator=g)
         rows = torch.stack([ids[s : s + n] for s in starts.tolist()])
         repeat = torch.rand(cfg.batch_size, generator=g) < cfg.repeat_fraction
-        half = rows[:, : (n + 1) // 2]
-        rows[repeat] = torch.cat([half, half], dim=1)[:, :n][repeat]
+        periods = torch.randint(min(8, n), max(n // 2, 8) + 1, (cfg.batch_size,), generator=g)
+        for r in repeat.nonzero().flatten().tolist():
+            p = int(periods[r])
+            rows[r] = rows[r, :p].repeat(n // p + 1)[:n]
         yield torch.cat([torch.full((cfg.batch_size, 1), bos), rows], dim=1)
 
 
-def icl_score(model: HookedModel, tokens: Tensor) -> float:
-    """Mean loss over the last tenth of the context minus over positions 8-16 (negative = learning in context)."""
+def _token_losses(model: HookedModel, tokens: Tensor) -> Float[Tensor, "batch pos_minus_1"]:
     with torch.no_grad():
         logits = model(tokens)
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none"
     )
-    loss = loss.view(tokens.shape[0], -1)
+    return loss.view(tokens.shape[0], -1)
+
+
+def icl_score(model: HookedModel, tokens: Tensor, losses: Tensor | None = None) -> float:
+    """Mean loss over the last tenth of the context minus over positions 8-16 (negative = learning in context).
+
+    ``losses``: the per-token losses of ``tokens`` if already computed (else one forward here).
+    """
+    loss = _token_losses(model, tokens) if losses is None else losses
     late = loss[:, -max(1, tokens.shape[1] // 10) :].mean()
     return float(late - loss[:, 8:16].mean())
 
@@ -94,7 +108,9 @@ def icl_score(model: HookedModel, tokens: Tensor) -> float:
 def train_attn_only(
     cfg: AttnOnlyTrainConfig, text: str | None = None, out_dir: str | Path | None = None
 ) -> tuple[HookedModel, list[dict]]:
-    """Train, evaluating loss, ICL score and the best induction score every ``eval_every`` steps.
+    """Train, evaluating every ``eval_every`` steps: validation loss and ICL score on held-out plain
+    text, the best induction and previous-token head scores, and (two or more layers) the
+    K-composition of the best previous-token head into the best induction head.
 
     Returns the trained model (a :class:`HookedModel`) and the history rows. With ``out_dir`` the
     model is saved there (HF format, loads with ``load_model(out_dir)``) with ``train_cfg.json``
@@ -122,7 +138,8 @@ def train_attn_only(
     g = torch.Generator().manual_seed(cfg.seed)
     bos = tokenizer.bos_token_id
     train_batches = _batches(ids[:split], cfg, g, bos)
-    val_cfg = AttnOnlyTrainConfig(**(asdict(cfg) | {"batch_size": 32, "repeat_fraction": 0.0}))
+    # 256 rows: the ICL score, a difference of means over a few positions, drowns in noise with fewer
+    val_cfg = AttnOnlyTrainConfig(**(asdict(cfg) | {"batch_size": 256, "repeat_fraction": 0.0}))
     val = next(_batches(ids[split:], val_cfg, torch.Generator().manual_seed(1), bos))
     common = ids.bincount(minlength=256).topk(64).indices  # probe heads on bytes the model knows
     history = []
@@ -148,16 +165,49 @@ def train_attn_only(
 
 def _evaluate(model: HookedModel, val: Tensor, step: int, vocab: Tensor) -> dict:
     model.hf_model.eval()
-    with torch.no_grad():
-        loss = model.hf_model(input_ids=val, labels=val, use_cache=False).loss.item()
-    row = {"step": step, "val_loss": loss, "icl_score": icl_score(model, val)}
+    losses = _token_losses(model, val)
+    row = {"step": step, "val_loss": losses.mean().item(), "icl_score": icl_score(model, val, losses)}
     if model.cfg.n_layers:
         scores = head_scores(model, seq_len=min(32, (model.cfg.n_ctx - 1) // 2), batch=4, vocab=vocab)
         row |= {
             "induction": scores["induction"].max().item(),
             "previous_token": scores["previous_token"].max().item(),
         }
+    if model.cfg.n_layers >= 2:
+        row |= _induction_circuit(model, scores)
     return row
+
+
+def _induction_circuit(model: HookedModel, scores: dict[str, Tensor]) -> dict:
+    """K-composition of the best previous-token head into the best induction head of a later layer.
+
+    An induction head finds "the token after the previous occurrence of the current token" by
+    keying on what a previous-token head wrote, which is K-composition (Elhage et al. 2021).
+    Reported above the random-matrix baseline, next to the largest K-composition of any pair.
+    """
+    induction = scores["induction"][1:]  # heads with an earlier layer to compose with
+    layer, head = divmod(int(induction.argmax()), model.cfg.n_heads)
+    layer += 1
+    prev_layer, prev_head = divmod(int(scores["previous_token"][:layer].argmax()), model.cfg.n_heads)
+    comp = composition_scores(model)
+    k = comp.scores[MODES.index("K")] - comp.baseline[MODES.index("K")]
+    return {
+        "induction_head": f"L{layer}H{head}",
+        "previous_token_head": f"L{prev_layer}H{prev_head}",
+        "k_composition": k[prev_layer, prev_head, layer, head].item(),
+        "k_composition_max": k.nan_to_num(float("-inf")).max().item(),
+    }
+
+
+def phase_change_step(history: list[dict], min_rise: float = 0.1) -> int | None:
+    """The first evaluated step at which the best induction score is halfway from its first value to
+    its maximum: where induction heads form. None when it never rises by ``min_rise`` (no phase
+    change in this run) or the rows have no induction score (a zero-layer model)."""
+    scores = [r.get("induction") for r in history]
+    if not scores or scores[0] is None or max(scores) - scores[0] < min_rise:
+        return None
+    half = (scores[0] + max(scores)) / 2
+    return next(r["step"] for r, s in zip(history, scores, strict=True) if s >= half)
 
 
 def _save(model: HookedModel, cfg: AttnOnlyTrainConfig, history: list[dict], out: Path) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import mechscope as ms
 from mechscope.circuits.composition import MODES, composition_scores
 from mechscope.circuits.head_detectors import DETECTORS, copying_scores, head_scores
-from mechscope.circuits.qk_ov import ov_circuit, positional_qk_circuit, qk_circuit
+from mechscope.circuits.qk_ov import PositionalSchemeError, ov_circuit, positional_qk_circuit, qk_circuit
+from mechscope.models.adapters import adapters
+from mechscope.models.tiny import byte_tokenizer
 from mechscope.models.weights import fold_norms
 
 
@@ -36,13 +39,19 @@ def test_qk_and_ov_circuits_reproduce_single_token_runs(tiny):
 
 def test_bad_circuit_requests_are_clear():
     model = ms.load_model("tiny-llama")
-    with pytest.raises(ValueError, match="rotary positions"):
+    with pytest.raises(PositionalSchemeError, match="rotary positions.*offset="):
         positional_qk_circuit(model, 0)
+    with pytest.raises(PositionalSchemeError, match="pos= needs learned.*pass offset="):
+        qk_circuit(model, 0, pos=0)
+    with pytest.raises(PositionalSchemeError, match="offset -1 puts the query before its key"):
+        qk_circuit(model, 0, offset=-1)
     with pytest.raises(IndexError, match="head 9 is out of range"):
         qk_circuit(model, 0, 9)
     with pytest.raises(IndexError, match="layer 5 is out of range"):
         ov_circuit(model, 5)
     gpt2 = ms.load_model("tiny-gpt2")
+    with pytest.raises(PositionalSchemeError, match="learned positions, not rotary ones.*pass pos="):
+        qk_circuit(gpt2, 0, offset=2)
     assert positional_qk_circuit(gpt2, 1, 0).shape == (gpt2.cfg.n_ctx, gpt2.cfg.n_ctx)
 
 
@@ -97,3 +106,44 @@ def test_kurtosis_sees_a_heavy_tailed_basis_and_rotation_hides_it():
     assert excess_kurtosis(sparse).mean() > 10
     assert excess_kurtosis(sparse @ rotation).mean() < excess_kurtosis(sparse).mean() / 3
     assert abs(excess_kurtosis(torch.randn(20000, 4, generator=g)).mean()) < 0.2
+
+
+def _layer0_scores_at_offsets(model: ms.HookedModel, offsets: tuple[int, ...]) -> None:
+    """Every (query, key) pair of a random sequence ``offset`` apart: circuit entry == the model's score."""
+    toks = torch.randint(0, 256, (1, 7))
+    _, cache = model.run_with_cache(toks, ["blocks.0.attn.hook_attn_scores"])
+    real = cache["blocks.0.attn.hook_attn_scores"][0]  # [n_heads q_pos k_pos]
+    scaling = model.layer(0).get_submodule(model.adapter.attn).scaling
+    for offset in offsets:
+        circuit = qk_circuit(model, 0, offset=offset).AB
+        keys = torch.arange(toks.shape[1] - offset)
+        scores = circuit[:, toks[0, keys + offset], toks[0, keys]] * scaling
+        if model.cfg.attn_softcap:
+            scores = torch.tanh(scores / model.cfg.attn_softcap) * model.cfg.attn_softcap
+        torch.testing.assert_close(scores, real[:, keys + offset, keys], atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_qk_circuit_at_an_offset_reproduces_the_models_scores(tiny):
+    if tiny.cfg.positional != "rotary":
+        with pytest.raises(PositionalSchemeError, match="not rotary ones"):
+            qk_circuit(tiny, 0, offset=1)
+        return
+    # Gemma's tiny sliding window is 4 tokens: offsets 0..3 are all attended in its layer 0.
+    _layer0_scores_at_offsets(tiny, (0, 1, 3))
+    # The offset matters (else the test above would pass with any rotation, or none).
+    assert not torch.allclose(qk_circuit(tiny, 0, 1, offset=1).AB, qk_circuit(tiny, 0, 1, offset=3).AB)
+
+
+def test_rotary_qk_circuit_reads_the_models_rope_scaling():
+    # YaRN rescales frequencies and multiplies cos/sin by an attention factor (~1.14 here) that the
+    # config alone does not spell out; the circuit must use the module's own values.
+    adapter, tokenizer = adapters()["llama"], byte_tokenizer()
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(
+            adapter.tiny_config(vocab_size=len(tokenizer), rope_parameters=rope)
+        ).eval()
+    model = ms.HookedModel(hf, tokenizer, adapter)
+    assert model.module(adapter.rotary_emb).attention_scaling > 1.1
+    _layer0_scores_at_offsets(model, (0, 2, 5))

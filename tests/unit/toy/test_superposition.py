@@ -41,6 +41,34 @@ def test_phase_change_for_two_features_in_one_dimension():
     assert sp.PHASES[phases[0, 1]] == sp.PHASES[phases[1, 1]] == "superposition"  # sparse: shared
 
 
+def test_hand_written_gradients_equal_autograd():
+    cfg = sp.ToyConfig(n_features=6, n_hidden=3, sparsities=(0.0, 0.5, 0.9), batch_size=64)
+    model = sp.ToyModel(cfg)
+    with torch.no_grad():
+        model.b.normal_()  # some outputs below zero, so the ReLU mask matters
+    x = model.sample(cfg.batch_size, torch.Generator().manual_seed(3))  # [instance batch feature]
+    loss = model.loss(x, model(x))
+    loss.backward()
+    expected = (model.W.grad.clone(), model.b.grad.clone())
+    xf = x.transpose(1, 2).contiguous()
+    got_loss = sp._set_grads(model, xf, torch.empty_like(xf), torch.empty_like(xf), log=True)
+    assert got_loss == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(model.W.grad, expected[0])
+    torch.testing.assert_close(model.b.grad, expected[1])
+
+
+def test_one_draw_sampling_has_the_papers_distribution():
+    cfg = sp.ToyConfig(n_features=4, sparsities=(0.0, 0.7, 0.95), batch_size=50000)
+    x = sp.ToyModel(cfg).sample(cfg.batch_size, torch.Generator().manual_seed(0))
+    present = x > 0
+    torch.testing.assert_close(
+        present.float().mean((1, 2)), torch.tensor([1.0, 0.3, 0.05]), atol=0.01, rtol=0
+    )
+    for i in range(3):  # present values are uniform on [0, 1): mean 1/2, variance 1/12
+        v = x[i][present[i]]
+        assert v.max() < 1 and abs(v.mean().item() - 0.5) < 0.01 and abs(v.var().item() - 1 / 12) < 0.005
+
+
 def test_save_load_round_trip(sweep, tmp_path):
     again = sp.load(sp.save(sweep, tmp_path / "toy"))
     assert again.cfg == sweep.cfg

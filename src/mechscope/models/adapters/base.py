@@ -124,6 +124,9 @@ class Adapter:
     q_norm: str | None = None
     """Per-head norm applied to q after the projection (Gemma 3), for weight-based circuits."""
     k_norm: str | None = None
+    rotary_emb: str | None = None
+    """Model-level path of the HF rotary-embedding module (rotary families), whose frequencies
+    ``circuits.qk_ov`` reads for the QK circuit at a relative offset (HF ``rotate_half`` layout)."""
 
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_offset: float = 0.0

@@ -16,6 +16,7 @@ _PATHS = dict(
     embed="model.embed_tokens",
     layers="model.layers",
     final_norm="model.norm",
+    rotary_emb="model.rotary_emb",
     ln2="pre_feedforward_layernorm",
     attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm",

@@ -32,6 +32,7 @@ ADAPTER = register(
         embed="gpt_neox.embed_in",
         layers="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",
+        rotary_emb="gpt_neox.rotary_emb",
         unembed="lm_head",
         attn="attention",
         o_proj="attention.dense",

@@ -31,5 +31,6 @@ ADAPTER = register(
         embed="model.embed_tokens",
         layers="model.layers",
         final_norm="model.norm",
+        rotary_emb="model.rotary_emb",
     )
 )
