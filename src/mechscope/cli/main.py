@@ -72,6 +72,22 @@ def _load(name: str):
         return ms.load_model(name)
 
 
+def progress(*columns, disable: bool = False):
+    """A transient Rich progress display on stderr: description, bar, done/total, ``columns``, ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *columns,
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=disable,
+    )
+
+
 def _emit_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -479,6 +495,26 @@ from mechscope.cli import sae_commands  # noqa: E402  (after _friendly, which it
 
 sae_commands.register(app, _friendly)
 
+from mechscope.cli import edit_commands  # noqa: E402
+
+edit_commands.register(app, _friendly)
+
+from mechscope.cli import feature_commands  # noqa: E402
+
+feature_commands.register(app, _friendly)
+
+from mechscope.cli import steer_commands  # noqa: E402
+
+steer_commands.register(app, _friendly)
+
+from mechscope.cli import probe_commands  # noqa: E402
+
+probe_commands.register(app, _friendly)
+
+
+from mechscope.cli import web_commands  # noqa: E402  (after feature_commands: joins its group)
+
+web_commands.register(app, _friendly)
 
 if __name__ == "__main__":
     app()

@@ -32,32 +32,18 @@ Kind = enum.Enum("Kind", {k: k for k in KINDS}, type=str)
 _DEFAULT_KIND = Kind("topk")
 
 
-def _progress_bar(err, disable: bool = False):
+def _progress_bar(disable: bool = False):
     """A Rich progress bar over tokens with tokens/s and ETA, and the callback that drives it."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import ProgressColumn
     from rich.text import Text
+
+    from mechscope.cli.main import progress
 
     class Speed(ProgressColumn):
         def render(self, task):
             return Text(f"{task.speed:,.0f} tok/s" if task.speed else "- tok/s", style="progress.data.speed")
 
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Speed(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=disable,
-    )
+    bar = progress(Speed(), disable=disable)
     task = bar.add_task("tokenizing", total=None)
     computed = [0]
 
@@ -141,7 +127,7 @@ def harvest(
     with err.status(f"reading corpus {corpus}"):
         text = load_corpus(corpus, text_field=text_field, config=hf_config, split=hf_split)
     m = _load(model)
-    bar, show, computed = _progress_bar(err, disable=rank != 0)
+    bar, show, computed = _progress_bar(disable=rank != 0)
     start = time.perf_counter()
     with bar:
         store = run_harvest(
@@ -262,9 +248,9 @@ def train_sae(
 
     Example: mechscope train-sae runs/l5 --store acts/ --kind topk --k 32 --tokens 2000000
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import TextColumn
 
-    from mechscope.cli.main import _emit_json, console, err
+    from mechscope.cli.main import _emit_json, console, progress
     from mechscope.saes.distributed import device_for_rank, init_from_env
     from mechscope.saes.sae import SAEConfig
     from mechscope.saes.train import train_sae as run
@@ -296,17 +282,8 @@ def train_sae(
         log_every=log_every,
         seed=seed,
     )
-    bar = Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=rank != 0,
-    )
-    task = bar.add_task("train", total=cfg.steps, info="")
+    bar = progress(TextColumn("{task.fields[info]}"), disable=rank != 0)
+    task = bar.add_task("training", total=cfg.steps, info="")
     last: dict = {}
 
     def show(p) -> None:

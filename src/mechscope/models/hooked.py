@@ -567,7 +567,7 @@ class HookedModel:
 
     def generate(
         self, input: str | list[str] | Tensor, *, hooks: HookSpec = None, **kwargs: Any
-    ) -> str | list[str]:
+    ) -> str | list[str] | Tensor:
         """Generate with ``hooks`` active on every step (KV cache on); see :func:`mechscope.models.generate.generate`."""
         from mechscope.models.generate import generate
 
