@@ -516,5 +516,9 @@ from mechscope.cli import web_commands  # noqa: E402  (after feature_commands: j
 
 web_commands.register(app, _friendly)
 
+from mechscope.cli import demo_commands  # noqa: E402
+
+demo_commands.register(app, _friendly)
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,42 @@
+"""The demo loop on SmolLM2 at a small size (no patching sweeps): the IOI answer wins, the SAE reconstructs.
+
+The full-size run (``mechscope demo``, a few minutes) is the README's main job; this checks the same
+path on the real model in well under a minute and a half.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mechscope.demo import run_demo
+from mechscope.features import FeatureDB
+from mechscope.saes.formats import load_sae
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_on_smollm2(smollm2, tmp_path, monkeypatch):
+    import mechscope as ms
+
+    monkeypatch.setattr(ms, "load_model", lambda name: smollm2)  # the session's copy, already loaded
+    result = run_demo(
+        "smollm2-135m",
+        tmp_path / "demo",
+        corrupt=None,  # the patching sweeps are the explain tests' business; they take a minute
+        tokens=4096,
+        heldout_tokens=1024,
+        train_tokens=1 << 14,
+        batch_size=512,
+        top_n=5,
+        eval_contexts=2,
+    )
+    assert result.layer == 15 and result.hook == "blocks.15.hook_resid_post"
+    top = result.explain["predictions"][0][0]
+    assert top == " Mary" and result.explain["metric"] > 0  # logit(Mary) - logit(John), the IOI answer
+    held, down = result.evaluation["heldout"], result.evaluation["downstream"]
+    assert held["fvu"] < 0.5 and held["l0"] == pytest.approx(32, abs=0.5)
+    assert down["ce_loss_clean"] < down["ce_loss_sae"] < down["ce_loss_zero"]
+    assert 0 < down["ce_loss_recovered"] <= 1
+    db = FeatureDB.open(result.features_db, model=smollm2, sae=load_sae(result.sae_dir, model=smollm2))
+    assert db.n_features == 8 * 576 and db.meta["n_tokens"] == 4096
+    assert len(result.features["pages"]) == 5 and result.index_html.is_file()
