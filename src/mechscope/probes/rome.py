@@ -444,6 +444,6 @@ def rome(
     prefixes = context_prefixes(model, cfg.prefix_lengths, cfg.prefixes_per_length, seed=cfg.seed)
     value = compute_value(model, request, layer, prefixes, cfg, progress)
     W = in_out(model.module(mlp_out_path(model, layer))).detach().float().cpu()
-    update = rank_one_update(W, C, value.key, value.value)
+    update = rank_one_update(W, C, value.key.cpu(), value.value.cpu())  # solved on the CPU in float64
     log.info("ROME edit at layer %d: |delta| %.3f", layer, float(value.delta.norm()))
     return Edit(model, request, layer, update, value, trace=trace, prefixes=prefixes, config=cfg)

@@ -182,7 +182,7 @@ def key_covariance(
         ids = torch.from_numpy(np.stack([c.index[:, 0] for c in batch])).long()
         _, cache = model.run_with_cache(ids, [hook], stop_at_layer=layer + 1)
         k = cache[hook].reshape(-1, d)[: n_tokens - seen].float()
-        total += (k.T @ k).double()  # float32 products, float64 sum over batches
+        total += (k.T @ k).double().cpu()  # float32 products on the model's device, float64 sum here
         seen += k.shape[0]
         batch.clear()
         if progress:

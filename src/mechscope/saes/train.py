@@ -304,7 +304,8 @@ class Trainer:
             dist.all_reduce(sums)
         n *= self.world
         err, sq, l0, total, *parts = (
-            sums[: 4 + len(out.losses)] / torch.tensor([1, 1, n, n] + [n] * len(out.losses))
+            sums[: 4 + len(out.losses)]
+            / torch.tensor([1, 1, n, n] + [n] * len(out.losses), device=sums.device)
         ).tolist()
         var = sq - float(sums[4 + len(out.losses) :].pow(2).sum()) / n  # sum ||y - mean||^2
         self.metrics = {

@@ -138,13 +138,8 @@ class AttnOnlyModel(AttnOnlyPreTrainedModel):
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=x,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        # Positional: transformers renamed the cache argument (past_key_values before 5.25, cache after).
+        mask = create_causal_mask(self.config, x, attention_mask, cache, position_ids=position_ids)
         for block in self.h:
             x = block(x, mask, cache)
         return self.ln_f(x), cache

@@ -63,6 +63,23 @@ def test_sparse_topk_step_equals_dense_maths():
         torch.testing.assert_close(g_sparse[name], g_dense[name], rtol=1e-10, atol=1e-12)
 
 
+def test_sparse_kernels_by_device_and_width_or_forced():
+    from mechscope.saes.arch.sparse import CUDA_MIN_D_SAE, use_sparse
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert (
+        use_sparse(cpu, 64) and use_sparse(cuda, CUDA_MIN_D_SAE) and not use_sparse(cuda, CUDA_MIN_D_SAE - 1)
+    )
+    sae = make_sae(SAEConfig(d_in=16, d_sae=64, kind="topk", k=4)).train()
+    x = torch.randn(8, 16)
+    assert sae(x).acts.is_sparse  # the CPU default
+    sae.sparse_kernels = False
+    dense = sae(x)
+    assert not dense.acts.is_sparse
+    sae.sparse_kernels = True
+    torch.testing.assert_close(sae(x).recon, dense.recon)
+
+
 def test_schedules():
     cfg = TrainConfig(n_tokens=1000, batch_size=10, lr=1.0, lr_warmup=0.1, lr_decay=0.2, sparsity_warmup=0.5)
     assert cfg.steps == 100

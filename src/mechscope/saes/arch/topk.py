@@ -17,7 +17,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechscope.saes.arch.sparse import SPARSE_DTYPES, gathered_pre_acts, sparse_code, sparse_decode
+from mechscope.saes.arch.sparse import (
+    SPARSE_DTYPES,
+    gathered_pre_acts,
+    sparse_code,
+    sparse_decode,
+    use_sparse,
+)
 from mechscope.saes.sae import SAE, SAEConfig, SAEOutput
 
 
@@ -45,15 +51,20 @@ class TopKSAE(SAE):
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         return topk_acts(pre, self.cfg.k)
 
+    sparse_kernels: bool | None = None
+    """Training steps on the sparse kernels: None decides by device and width (:func:`use_sparse`)."""
+
     def forward(self, x, target=None, *, dead_mask=None) -> SAEOutput:
         # Training steps take the sparse kernels (same maths, a fraction of the work); inference and kinds
         # that select latents differently (BatchTopK overrides ``activation``) take the dense path.
+        wanted = self.sparse_kernels
         sparse = (
             self.training
             and torch.is_grad_enabled()
             and x.ndim == 2
             and self.dtype in SPARSE_DTYPES
             and type(self).activation is TopKSAE.activation
+            and (use_sparse(x.device, self.cfg.d_sae) if wanted is None else wanted)
         )
         if not sparse:
             return super().forward(x, target, dead_mask=dead_mask)
