@@ -40,3 +40,33 @@ def test_demo_on_smollm2(smollm2, tmp_path, monkeypatch):
     db = FeatureDB.open(result.features_db, model=smollm2, sae=load_sae(result.sae_dir, model=smollm2))
     assert db.n_features == 8 * 576 and db.meta["n_tokens"] == 4096
     assert len(result.features["pages"]) == 5 and result.index_html.is_file()
+
+    # The web app on the demo's database (what `mechscope demo --serve` opens), against direct computations.
+    import torch
+    from fastapi.testclient import TestClient
+
+    from mechscope.web import create_app
+
+    sae = load_sae(result.sae_dir, model=smollm2)
+    web = TestClient(create_app(result.features_db, smollm2, sae), base_url="http://127.0.0.1")
+    assert web.get("/api/info").json()["live"]
+    text = "To be, or not to be, that is the question"
+    found = web.get("/api/search", params={"text": text, "k": 3}).json()
+    _, cache = smollm2.run_with_cache(text, names=[result.hook])
+    acts = sae.encode(cache[result.hook][0]).float()
+    assert len(found["per_token"]) == acts.shape[0]
+    for row, got in zip(acts, found["per_token"], strict=True):
+        top = row.topk(len(got))
+        assert [g["id"] for g in got] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([g["act"] for g in got]), top.values, atol=1e-4, rtol=1e-4)
+    fid = found["top"][0]["id"]
+    assert web.get(f"/feature/{fid}").status_code == 200
+    steer = {
+        "prompt": "The weather today is",
+        "steers": [{"feature": fid, "strength": 0.0}],
+        "max_new_tokens": 8,
+    }
+    out = web.post("/api/steer", json=steer).json()
+    assert out["steered"] == out["unsteered"]  # strength 0 adds nothing
+    steer["steers"][0]["strength"] = 200.0
+    assert web.post("/api/steer", json=steer).json()["steered"] != out["unsteered"]
