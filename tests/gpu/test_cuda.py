@@ -232,23 +232,15 @@ def test_steering_sweep_matches_the_cpu():
 
 @pytest.mark.parametrize("family", WITH_MLP)
 def test_rome_edit_works_and_undo_restores_the_bits_on_the_device(family, corpus, tmp_path):
-    from mechscope.probes.rome import RomeConfig, rome
+    from mechscope.probes.rome import rome
+    from tests.unit.probes.test_rome import CFG, PROMPT, SUBJECT, TARGET  # the tiny-model settings
 
     _, dev = pair(f"tiny-{family}")
-    cfg = RomeConfig(
-        layer=0,
-        cov_tokens=1024,
-        cov_context_length=64,
-        prefix_lengths=(4,),
-        prefixes_per_length=3,
-        weight_decay=0.0,
-        clamp_norm_factor=50.0,
-    )
-    edit = rome(dev, "The home of {}", "Alice Smith", "!", cfg, corpus=corpus, cache_dir=tmp_path)
-    bang, text = dev.to_single_token("!"), edit.request.prompt
+    edit = rome(dev, PROMPT, SUBJECT, TARGET, CFG, corpus=corpus, cache_dir=tmp_path)
+    target, text = dev.to_single_token(TARGET), edit.request.prompt
     before = {n: p.detach().clone() for n, p in dev.hf_model.named_parameters()}
     with edit:
-        assert int(dev(text)[0, -1].argmax()) == bang
+        assert int(dev(text)[0, -1].argmax()) == target
     for n, p in dev.hf_model.named_parameters():
         assert torch.equal(p, before[n]), n
 
