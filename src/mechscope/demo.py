@@ -42,7 +42,7 @@ IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 STEPS = ("explain", "harvest", "train", "evaluate", "features", "index")
 _DOWNSTREAM = {"harvest": ("train", "evaluate", "features"), "train": ("evaluate", "features")}
 DEMO_FILE = "demo.json"
-_FORMAT, _VERSION = "mechscope.demo", 1
+_FORMAT, _VERSION = "mechscope.demo", 2  # 2: contexts start with BOS
 
 
 class DemoMismatchError(MechscopeError, ValueError):
@@ -161,8 +161,8 @@ class _Record:
         if self.path.is_file():
             data = json.loads(self.path.read_text())
             have = {"model": data.get("model"), **data.get("config", {})}
-            if data.get("format") != _FORMAT or have != want:
-                diff = _differences(have, want) or ["format"]
+            if (data.get("format"), data.get("version")) != (_FORMAT, _VERSION) or have != want:
+                diff = _differences(have, want) or ["version of mechscope demo"]
                 raise DemoMismatchError(
                     f"{out} holds a demo made with another {', '.join(diff[:4])}; give another --out, "
                     f"or delete {out} to start over"
@@ -317,7 +317,7 @@ def _detail(name: str, r: dict[str, Any]) -> str:
         return f"{r['d_sae']:,} latents, {r['steps']} steps; last batch FVU {r['fvu']:.3f}, L0 {r['l0']:.1f}"
     if name == "evaluate":
         h = r["heldout"]
-        s = f"held-out FVU {h['fvu']:.3f} ({r['heldout_after_first']['fvu']:.3f} without first tokens), L0 {h['l0']:.1f}"
+        s = f"held-out FVU {h['fvu']:.3f}, L0 {h['l0']:.1f}"
         if r.get("downstream"):
             s += f", CE loss recovered {r['downstream']['ce_loss_recovered']:.1%}"
         return s + f"; dead {r['train']['dead_fraction']:.1%} over the training tokens"
@@ -351,6 +351,10 @@ def _harvest(model, model_name: str, cfg: DemoConfig, paths: dict[str, Path]) ->
     from mechscope.saes.harvest import HarvestConfig, harvest
 
     layer, hook = _hook(model, cfg)
+    # Every context starts with BOS, even for a model that prepends none (SmolLM2): position 0 is an
+    # attention sink whatever its token (a residual norm ~150x the others' at layer 15), and as BOS it
+    # is left out of training, evaluation and the feature statistics instead of dominating them.
+    bos = True if model.tokenizer.bos_token_id is not None else None  # None: the model's own policy
     stores = {}
     for key, n, seed in (
         ("store", cfg.tokens, cfg.seed),
@@ -359,7 +363,7 @@ def _harvest(model, model_name: str, cfg: DemoConfig, paths: dict[str, Path]) ->
         hcfg = HarvestConfig(
             hooks=(hook,),
             n_tokens=n,
-            contexts=ContextConfig(context_length=cfg.context_length, seed=seed),
+            contexts=ContextConfig(context_length=cfg.context_length, seed=seed, prepend_bos=bos),
             batch_size=16,
         )
         stores[key] = harvest(model, cfg.corpus, paths[key], hcfg, model_name=model_name)
@@ -413,18 +417,12 @@ def _train(
     }
 
 
-def _text_rows(
-    store, hook: str, *, skip_first: bool = False, chunk: int = 4096
-) -> Iterator[Float[Tensor, "rows d_in"]]:
-    """Every row of ``hook`` in ``store`` except BOS / separators (as training saw them), in order, once;
-    with ``skip_first`` also without each context's first position."""
+def _text_rows(store, hook: str, *, chunk: int = 4096) -> Iterator[Float[Tensor, "rows d_in"]]:
+    """Every row of ``hook`` in ``store`` except BOS / separators (as training saw them), in order, once."""
     import numpy as np
 
     rows = np.arange(store.n_tokens)
-    keep = store.index_rows(rows)[:, 1] >= 0  # document -1: BOS or separator
-    if skip_first:
-        keep &= rows % store.context_length > 0
-    rows = rows[keep]
+    rows = rows[store.index_rows(rows)[:, 1] >= 0]  # document -1: BOS or separator
     for start in range(0, len(rows), chunk):
         yield store.read(hook, rows[start : start + chunk])
 
@@ -441,15 +439,10 @@ def _evaluate(model, cfg: DemoConfig, paths: dict[str, Path]) -> dict[str, Any]:
     ev = evaluate_sae(
         sae, _text_rows(held, hook), model=model, contexts=store_contexts(held, cfg.eval_contexts)
     ).to_dict()
-    # Without BOS (SmolLM2 prepends none), a context's first token is the attention sink: a norm ~100x
-    # the others', holding most of the variance, so FVU over all tokens mostly measures that one row.
-    # FVU without it says how well the SAE reconstructs the text tokens themselves.
-    rest = reconstruction_metrics(sae, _text_rows(held, hook, skip_first=True))
     # Dead / dense latents over the training tokens (a few thousand held-out ones would call rare ones dead).
     on_train = reconstruction_metrics(sae, _text_rows(ActivationStore.open(paths["store"]), hook))
     return {
         "heldout": ev["reconstruction"],
-        "heldout_after_first": {"n_tokens": rest.n_tokens, "fvu": rest.fvu, "mse": rest.mse},
         "downstream": ev["downstream"],
         "train": {k: v for k, v in asdict(on_train).items() if k != "density"},
         "density_svg": density_histogram(on_train.density),
@@ -531,12 +524,6 @@ def render_index(result: DemoResult, cfg: DemoConfig, db_path: Path) -> str:
     held, down, on_train = ev["heldout"], ev.get("downstream"), ev["train"]
     rows = [
         ("FVU (held-out)", f"{held['fvu']:.4f}", "fraction of variance unexplained: 0 is perfect"),
-        (
-            "FVU (held-out, no first tokens)",
-            f"{ev['heldout_after_first']['fvu']:.4f}",
-            "without each context's first token, the attention sink (a huge norm, most of the variance "
-            "when no BOS is prepended)",
-        ),
         ("L0 (held-out)", f"{held['l0']:.1f}", f"active latents per token (TopK k = {tr['k']})"),
         (
             "dead latents",

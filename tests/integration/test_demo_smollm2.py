@@ -6,11 +6,13 @@ path on the real model in well under a minute and a half.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mechscope.demo import run_demo
 from mechscope.features import FeatureDB
 from mechscope.saes.formats import load_sae
+from mechscope.saes.store import ActivationStore
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +40,11 @@ def test_demo_on_smollm2(smollm2, tmp_path, monkeypatch):
     assert down["ce_loss_clean"] < down["ce_loss_sae"] < down["ce_loss_zero"]
     assert 0 < down["ce_loss_recovered"] <= 1
     db = FeatureDB.open(result.features_db, model=smollm2, sae=load_sae(result.sae_dir, model=smollm2))
-    assert db.n_features == 8 * 576 and db.meta["n_tokens"] == 4096
+    # SmolLM2 prepends no BOS, the demo does: position 0, the attention sink, is left out everywhere.
+    store = ActivationStore.open(result.store)
+    first = store.index_rows(np.arange(0, 4096, store.context_length))
+    assert (first[:, 0] == smollm2.tokenizer.bos_token_id).all() and (first[:, 1] < 0).all()
+    assert db.n_features == 8 * 576 and db.meta["n_tokens"] == 4096 - 4096 // store.context_length
     assert len(result.features["pages"]) == 5 and result.index_html.is_file()
 
     # The web app on the demo's database (what `mechscope demo --serve` opens), against direct computations.

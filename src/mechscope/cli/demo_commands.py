@@ -112,8 +112,7 @@ def _report(result, model: str) -> None:
     from mechscope.cli.main import console
 
     ev, down = result.evaluation["heldout"], result.evaluation.get("downstream")
-    rest = result.evaluation["heldout_after_first"]["fvu"]
-    line = f"SAE on {result.hook}: held-out FVU {ev['fvu']:.3f} ({rest:.3f} without first tokens), L0 {ev['l0']:.1f}"
+    line = f"SAE on {result.hook}: held-out FVU {ev['fvu']:.3f}, L0 {ev['l0']:.1f}"
     if down:
         line += f", CE loss recovered {down['ce_loss_recovered']:.1%}"
     line += f", dead {result.evaluation['train']['dead_fraction']:.1%}"

@@ -42,6 +42,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechscope.data.contexts import SPECIAL
+
 NEG = float("-inf")
 ROW_CHUNK = 8192
 """Features merged at a time: bounds the temporary copies of their kept examples (~140 MB each at the defaults)."""
@@ -138,9 +140,15 @@ class RunningStats:
         batch_number: int,
     ) -> None:
         """Fold one batch in. ``index`` holds each token's (token, document, token_offset, char_offset)
-        rows; ``first_context`` is the stream ordinal of ``acts[0]``; ``batch_number`` seeds the keys."""
+        rows; ``first_context`` is the stream ordinal of ``acts[0]``; ``batch_number`` seeds the keys.
+
+        BOS and separator tokens (document ``SPECIAL``) are not text: they never fire and are not
+        counted, so an attention sink's outsized activations cannot fill every feature's top contexts.
+        """
         acts = acts.to(self.device, torch.float32)
         index = index.to(self.device)
+        text = index[..., 1] != SPECIAL  # [batch pos]
+        acts = acts.masked_fill(~text[..., None], 0.0)
         old_max = self.t["max"].clone()
         self._moments(acts)
         # Each context's activation; its argmax token is found only for the features that keep it
@@ -149,7 +157,7 @@ class RunningStats:
         ctx_val = torch.where(ctx_val > 0, ctx_val, NEG).T.contiguous()  # [F batch]; not firing: -inf
         self._merge_top(acts, index, ctx_val, first_context)
         self._merge_quantiles(acts, index, ctx_val, first_context, batch_number, old_max)
-        self.n_tokens += acts.shape[0] * acts.shape[1]
+        self.n_tokens += int(text.sum())
 
     def _moments(self, acts: Tensor) -> None:
         t, F = self.t, acts.shape[-1]

@@ -11,6 +11,7 @@ Definitions (every sum in float64, over all evaluated tokens):
   density 0; ``dense_fraction``: latents with density above ``dense_threshold`` (default 0.1).
 * ``ce_loss_*``: mean next-token cross-entropy over every predicted position of the contexts, for the
   clean model, with the SAE's reconstruction spliced in (no error term), and with the hook point zeroed;
+  special tokens (BOS, separators) keep their clean activation in both (``exclude_special``);
   ``ce_loss_recovered = (zero - sae) / (zero - clean)`` (1: as good as the model, 0: as bad as zero
   ablation). ``kl`` is the mean over positions of ``KL(clean || spliced)``.
 """
@@ -115,18 +116,35 @@ def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 
 @torch.no_grad()
 def downstream_metrics(
-    model: HookedModel, sae: SAE, contexts: Iterable[Int[Tensor, "n_ctx pos"]]
+    model: HookedModel,
+    sae: SAE,
+    contexts: Iterable[Int[Tensor, "n_ctx pos"]],
+    *,
+    exclude_special: bool = True,
 ) -> DownstreamMetrics:
-    """CE loss with the SAE spliced in vs clean and zero-ablated, and KL to clean (see module docstring)."""
+    """CE loss with the SAE spliced in vs clean and zero-ablated, and KL to clean (see module docstring).
+
+    ``exclude_special``: positions holding a special token (BOS, separators) keep their clean activation
+    in both the splice and the zero-ablation, as SAELens' ``exclude_special_tokens_from_reconstruction``:
+    an SAE trained without them (the default of every source) is not asked to rebuild an attention sink.
+    """
     sae.eval()
     written = sae.cfg.out_hook_name or sae.cfg.hook_name
+    special_ids = torch.tensor(sorted(model.tokenizer.all_special_ids), device=model.device)
     n, clean_sum, sae_sum, zero_sum, kl_sum = 0, 0.0, 0.0, 0.0, 0.0
     for tokens in contexts:
         tokens = tokens.to(model.device)
-        clean = model(tokens)
-        with model.saes(sae):
+        clean, cache = model.run_with_cache(tokens, names=[written])
+        keep = (
+            torch.isin(tokens, special_ids) if exclude_special else torch.zeros_like(tokens, dtype=torch.bool)
+        )
+
+        def restore(x: Tensor, hook, keep=keep, act=cache[written]) -> Tensor:  # after the splice / ablation
+            return torch.where(keep[..., None], act.to(x.dtype), x)
+
+        with model.saes(sae), model.hooks({written: restore}):
             spliced = model(tokens)
-        with model.hooks({written: edits.zero()}):
+        with model.hooks({written: edits.zero()}), model.hooks({written: restore}):
             zeroed = model(tokens)
         n += tokens.shape[0] * (tokens.shape[1] - 1)
         clean_sum += float(_next_token_loss(clean, tokens).sum())

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mechscope as ms
-from mechscope.data.contexts import ContextConfig, context_stream
+from mechscope.data.contexts import SPECIAL, ContextConfig, context_stream
 from mechscope.data.corpus import Corpus, CorpusError, pydoc_corpus
 from mechscope.features import (
     SCHEMAS,
@@ -97,7 +97,8 @@ def neuron_acts(gpt2, corpus):
 
 
 def brute_force(model, corpus, cfg, hook, encode=lambda x: x):
-    """All activations ``[contexts pos features]`` and token ids, the same contexts as the build."""
+    """All activations ``[contexts pos features]`` and token ids, the same contexts as the build; BOS and
+    separator positions zeroed (they are not text, and a database leaves them out)."""
     ctxs = list(
         islice(context_stream(model, corpus, cfg.contexts), cfg.n_tokens // cfg.contexts.context_length)
     )
@@ -110,7 +111,9 @@ def brute_force(model, corpus, cfg, hook, encode=lambda x: x):
                 for b in range(0, len(tokens), cfg.batch_size)
             ]
         )
-    return acts, tokens, index
+    special = torch.from_numpy(index[..., 1] == SPECIAL)
+    assert special.any()  # the tiny models prepend BOS: the masking is exercised
+    return acts.masked_fill(special[..., None], 0.0), tokens, index
 
 
 def check_top_contexts(db: FeatureDB, acts, tokens, cfg) -> None:
@@ -145,8 +148,10 @@ def check_top_contexts(db: FeatureDB, acts, tokens, cfg) -> None:
             assert e.strs == [db.vocab()[t] for t in e.tokens]
 
 
-def check_statistics(db: FeatureDB, acts) -> None:
-    flat = acts.reshape(-1, acts.shape[-1]).double().numpy()
+def check_statistics(db: FeatureDB, acts, index) -> None:
+    text = (index[..., 1] != SPECIAL).reshape(-1)
+    flat = acts.reshape(-1, acts.shape[-1]).double().numpy()[text]  # statistics over text tokens only
+    assert db.meta["n_tokens"] == len(flat)
     table = db.sql("SELECT * FROM features ORDER BY id").to_pydict()
     firing = flat > 0
     np.testing.assert_array_equal(table["n_firing"], firing.sum(0))
@@ -168,13 +173,12 @@ def test_sae_top_contexts_equal_brute_force(sae_db, sae_acts):
 
 
 def test_sae_statistics_equal_brute_force(sae_db, sae_acts):
-    acts, _, _ = sae_acts
-    assert sae_db.meta["n_tokens"] == acts.shape[0] * acts.shape[1]
-    check_statistics(sae_db, acts)
+    acts, _, index = sae_acts
+    check_statistics(sae_db, acts, index)
 
 
 def test_neuron_database_equals_brute_force(neuron_db, neuron_acts, gpt2):
-    acts, tokens, _ = neuron_acts
+    acts, tokens, index = neuron_acts
     assert neuron_db.n_features == gpt2.cfg.d_mlp
     assert neuron_db.meta["source"] == {
         "kind": "neurons",
@@ -183,7 +187,7 @@ def test_neuron_database_equals_brute_force(neuron_db, neuron_acts, gpt2):
         "layer": 1,
     }
     check_top_contexts(neuron_db, acts, tokens, config())
-    check_statistics(neuron_db, acts)
+    check_statistics(neuron_db, acts, index)
 
 
 def test_provenance_points_at_the_text(sae_db, corpus, llama):

@@ -55,8 +55,9 @@ def test_reconstruction_metrics_equal_plain_torch(kind):
     assert svg.startswith("<svg") and "dead" in svg
 
 
-def _hf_losses(model: ms.HookedModel, sae, tokens: torch.Tensor):
-    """Clean / spliced / zeroed CE and KL with plain transformers: a forward hook on decoder layer 1."""
+def _hf_losses(model: ms.HookedModel, sae, tokens: torch.Tensor, keep: torch.Tensor):
+    """Clean / spliced / zeroed CE and KL with plain transformers: a forward hook on decoder layer 1
+    that edits every position except ``keep`` ``[batch pos]``."""
     layer = model.hf_model.model.layers[1]
     mode = {"fn": None}
 
@@ -64,7 +65,7 @@ def _hf_losses(model: ms.HookedModel, sae, tokens: torch.Tensor):
         h = output[0] if isinstance(output, tuple) else output
         if mode["fn"] is None:
             return None
-        new = mode["fn"](h)
+        new = torch.where(keep[..., None], h, mode["fn"](h))
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = layer.register_forward_hook(hook)
@@ -86,14 +87,17 @@ def _hf_losses(model: ms.HookedModel, sae, tokens: torch.Tensor):
     return ce, kl
 
 
-def test_downstream_metrics_equal_plain_transformers(llama):
+@pytest.mark.parametrize("exclude_special", [True, False])
+def test_downstream_metrics_equal_plain_transformers(llama, exclude_special):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(3, llama.cfg.d_vocab, (6, 12), generator=g)
+    tokens[:, 0] = llama.tokenizer.bos_token_id  # BOS first, as in harvested contexts
+    special = torch.isin(tokens, torch.tensor(llama.tokenizer.all_special_ids))
     _, cache = llama.run_with_cache(tokens, [HOOK])
     sae = _sae(llama.cfg.d_model)
     init_normalisation(sae, cache[HOOK].flatten(0, 1))
-    m = downstream_metrics(llama, sae, tokens.split(4))
-    ce, kl = _hf_losses(llama, sae, tokens)
+    m = downstream_metrics(llama, sae, tokens.split(4), exclude_special=exclude_special)
+    ce, kl = _hf_losses(llama, sae, tokens, special if exclude_special else torch.zeros_like(special))
     assert m.n_tokens == 6 * 11
     assert m.ce_loss_clean == pytest.approx(ce["clean"], rel=1e-5)
     assert m.ce_loss_sae == pytest.approx(ce["sae"], rel=1e-5)
@@ -102,6 +106,8 @@ def test_downstream_metrics_equal_plain_transformers(llama):
         (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]), rel=1e-4
     )
     assert m.kl == pytest.approx(kl, rel=1e-4)
+    if not exclude_special:
+        return
     ev = evaluate_sae(sae, [cache[HOOK].flatten(0, 1)], model=llama, contexts=tokens.split(3))
     d = ev.to_dict()
     assert d["downstream"]["ce_loss_sae"] == pytest.approx(ce["sae"], rel=1e-5)
