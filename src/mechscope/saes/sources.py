@@ -15,6 +15,8 @@ new permutations).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import asdict
 from itertools import count, islice
@@ -90,9 +92,11 @@ class StoreSource:
 
     def identity(self) -> dict[str, Any]:
         m = self.store.manifest["identity"]
+        # What the store holds, not where it is: a moved store (and run directory) still resumes.
+        digest = hashlib.sha256(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {
             "source": "store",
-            "store": str(self.store.root),
+            "store": digest,
             "model": m["model"],
             "model_fingerprint": m["model_fingerprint"],
             "hook": self.hook,

@@ -170,6 +170,21 @@ def test_resume_after_kill_is_identical(tmp_path):
     assert metrics(tmp_path / "whole") == metrics(tmp_path / "broken")
 
 
+def test_a_moved_store_and_run_still_resume(llama, tmp_path):
+    hook = "blocks.1.hook_resid_post"
+    ctx = ContextConfig(context_length=32, seed=3)
+    harvest(
+        llama, _corpus(), tmp_path / "a/acts", HarvestConfig(hooks=(hook,), n_tokens=32 * 40, contexts=ctx)
+    )
+    whole = _train(tmp_path / "whole", StoreSource(tmp_path / "a/acts"))
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "a/run", StoreSource(tmp_path / "a/acts"), stop_at=17)
+    (tmp_path / "a").rename(tmp_path / "b")  # the whole experiment directory moves
+    resumed = _train(tmp_path / "b/run", StoreSource(tmp_path / "b/acts"))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_resume_refuses_another_run(tmp_path):
     source = TensorSource(sparse_data(n=1000))
     with pytest.raises(KeyboardInterrupt):
