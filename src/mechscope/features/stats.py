@@ -148,7 +148,8 @@ class RunningStats:
         acts = acts.to(self.device, torch.float32)
         index = index.to(self.device)
         text = index[..., 1] != SPECIAL  # [batch pos]
-        acts = acts.masked_fill(~text[..., None], 0.0)
+        if not bool(text.all()):
+            acts = acts.masked_fill(~text[..., None], 0.0)
         old_max = self.t["max"].clone()
         self._moments(acts)
         # Each context's activation; its argmax token is found only for the features that keep it

@@ -135,16 +135,15 @@ def downstream_metrics(
     for tokens in contexts:
         tokens = tokens.to(model.device)
         clean, cache = model.run_with_cache(tokens, names=[written])
-        keep = (
-            torch.isin(tokens, special_ids) if exclude_special else torch.zeros_like(tokens, dtype=torch.bool)
-        )
+        keep = torch.isin(tokens, special_ids)
 
         def restore(x: Tensor, hook, keep=keep, act=cache[written]) -> Tensor:  # after the splice / ablation
             return torch.where(keep[..., None], act.to(x.dtype), x)
 
-        with model.saes(sae), model.hooks({written: restore}):
+        restoring = {written: restore} if exclude_special and bool(keep.any()) else {}
+        with model.saes(sae), model.hooks(restoring):
             spliced = model(tokens)
-        with model.hooks({written: edits.zero()}), model.hooks({written: restore}):
+        with model.hooks({written: edits.zero()}), model.hooks(restoring):
             zeroed = model(tokens)
         n += tokens.shape[0] * (tokens.shape[1] - 1)
         clean_sum += float(_next_token_loss(clean, tokens).sum())

@@ -178,21 +178,20 @@ def create_app(
             parts.append(f"{where or 'request'}: {e.get('msg', 'invalid')}")
         return fail(request, 422, "invalid parameters: " + "; ".join(parts))
 
-    @app.exception_handler(UnknownFeatureError)
-    async def _unknown(request: Request, exc: UnknownFeatureError) -> Response:
-        return fail(request, 404, str(exc))
+    def answer(status: int):
+        async def handler(request: Request, exc: Exception) -> Response:
+            return fail(request, status, str(exc))
 
-    @app.exception_handler(NoModelError)
-    async def _no_model(request: Request, exc: NoModelError) -> Response:
-        return fail(request, 409, str(exc))
+        return handler
 
-    @app.exception_handler(MechscopeError)
-    async def _mechscope(request: Request, exc: MechscopeError) -> Response:
-        return fail(request, 400, str(exc))
-
-    @app.exception_handler(ValueError)
-    async def _value(request: Request, exc: ValueError) -> Response:
-        return fail(request, 400, str(exc))
+    # Starlette picks the handler of the exception's nearest class, so the order here does not matter.
+    for exc_type, status in (
+        (UnknownFeatureError, 404),
+        (NoModelError, 409),
+        (MechscopeError, 400),
+        (ValueError, 400),
+    ):
+        app.add_exception_handler(exc_type, answer(status))
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc: Exception) -> Response:
