@@ -144,12 +144,13 @@ class RunningStats:
 
         BOS and separator tokens (document ``SPECIAL``) are not text: they never fire and are not
         counted, so an attention sink's outsized activations cannot fill every feature's top contexts.
+        Their rows of ``acts`` are zeroed in place (only those rows are written): pass a tensor you own.
         """
         acts = acts.to(self.device, torch.float32)
         index = index.to(self.device)
         text = index[..., 1] != SPECIAL  # [batch pos]
         if not bool(text.all()):
-            acts = acts.masked_fill(~text[..., None], 0.0)
+            acts[~text] = 0.0
         old_max = self.t["max"].clone()
         self._moments(acts)
         # Each context's activation; its argmax token is found only for the features that keep it
