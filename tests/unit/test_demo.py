@@ -174,6 +174,16 @@ def test_rerun_reuses_everything_without_loading_the_model(demo, tmp_path, monke
     assert again.evaluation == result.evaluation and again.features == result.features
 
 
+def test_a_demo_made_by_an_earlier_version_is_refused_not_reused(demo, tmp_path):
+    result, _ = demo
+    out = tmp_path / "copy"
+    shutil.copytree(result.out, out)
+    record = json.loads((out / "demo.json").read_text())
+    (out / "demo.json").write_text(json.dumps({**record, "version": record["version"] - 1}))
+    with pytest.raises(DemoMismatchError, match="another version"):
+        run_demo("tiny-llama", out, **TINY)
+
+
 def test_a_lost_step_is_redone_alone_and_equals_the_first_run(demo, tmp_path, monkeypatch):
     result, _ = demo
     out = tmp_path / "copy"
