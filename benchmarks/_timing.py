@@ -14,8 +14,18 @@ import time
 from collections.abc import Callable
 
 
-def compare(plain: Callable, cand: Callable, repeats: int, warmup: int, seed: int = 0) -> dict:
+def compare(
+    plain: Callable,
+    cand: Callable,
+    repeats: int,
+    warmup: int,
+    seed: int = 0,
+    cand_setup: Callable[[], Callable[[], None]] | None = None,
+) -> dict:
     """Time ``plain`` and ``cand`` alternately; ``ratio = median(cand) / median(plain)`` (wall time).
+
+    ``cand_setup``, if given, runs untimed right before each ``cand`` call and returns the function
+    that undoes it, run untimed right after (e.g. hooks registered only while ``cand`` runs).
 
     The order within each pair flips every repeat so that drift hits both sides alike. The garbage
     collector runs before each pair and is off inside it, so no collection pause lands in a
@@ -26,7 +36,10 @@ def compare(plain: Callable, cand: Callable, repeats: int, warmup: int, seed: in
     """
     for _ in range(warmup):
         plain()
+        undo = cand_setup() if cand_setup else None
         cand()
+        if undo is not None:
+            undo()
     wall: dict[str, list[float]] = {"plain": [], "cand": []}
     cpu: dict[str, list[float]] = {"plain": [], "cand": []}
     sys_: dict[str, list[float]] = {"plain": [], "cand": []}
@@ -36,10 +49,13 @@ def compare(plain: Callable, cand: Callable, repeats: int, warmup: int, seed: in
         gc.disable()
         try:
             for key, fn in order if i % 2 == 0 else reversed(order):
+                undo = cand_setup() if key == "cand" and cand_setup else None
                 s0, c0, t0 = os.times().system, time.process_time(), time.perf_counter()
                 out = fn()
                 t1, c1, s1 = time.perf_counter(), time.process_time(), os.times().system
                 del out
+                if undo is not None:
+                    undo()
                 wall[key].append(t1 - t0)
                 cpu[key].append(c1 - c0)
                 sys_[key].append(s1 - s0)

@@ -8,6 +8,8 @@ run in alternating order, repeat after repeat, and ``ratio = median(mechscope) /
 
 Configurations (targets from the issue in brackets):
     a  no-op hooks (return None) on every hook point outside attention, nothing cached  [<= 1.02x]
+       a-reg: the forward while they are registered (added before the timing, removed after it)
+       a:     ``with model.hooks(...)`` around the forward, i.e. attaching and detaching them too
     b  run_with_cache of resid_pre, resid_post, attn_out, mlp_out and attn.hook_pattern [<= 1.05x]
     c  run_with_cache of every hook point (names=None)                                  [<= 1.20x]
     d  model.generate with a steering hook at blocks.10.hook_resid_post vs
@@ -15,6 +17,9 @@ Configurations (targets from the issue in brackets):
     hf-b  context, not mechscope: what plain transformers itself costs to return the patterns
        and the residual stream (a second copy of the model with eager attention, called with
        output_attentions=True, output_hidden_states=True), against the same plain SDPA forward
+
+``load_model`` tells glibc to keep freed memory for reuse (mechscope.models.host_memory), which
+applies to the plain side too; ``MECHSCOPE_KEEP_FREED_MEMORY=0`` runs everything with glibc's defaults.
 
 Memory is measured in a fresh subprocess per configuration (see ``--child``), with glibc told to
 mmap every allocation over 64 KiB (so freed tensors leave RSS at once). After loading the model
@@ -41,13 +46,14 @@ import torch
 from _timing import compare, describe, machine
 
 import mechscope as ms
+from mechscope.models.host_memory import ENV, keep_freed_memory
 
 MODEL = "smollm2-135m"
 SEED = 0
 SHAPES = {"8x128": (8, 128), "1x32": (1, 32)}
 ATTN_INTERNAL = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern")
 CACHED_B = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_pattern")
-TARGETS = {"a": 1.02, "b": 1.05, "c": 1.20, "d": 1.05, "hf-b": None}
+TARGETS = {"a-reg": 1.02, "a": 1.02, "b": 1.05, "c": 1.20, "d": 1.05, "hf-b": None}
 STEER_AT = "blocks.10.hook_resid_post"
 PROMPT_LEN, NEW_TOKENS = 16, 32
 
@@ -121,6 +127,13 @@ def workloads(model: ms.HookedModel, config: str, shape: str | None) -> tuple[Ca
         def cand():
             with model.hooks({not_attn_internal: noop}):
                 return model(x)
+
+    elif config == "a-reg":
+
+        def cand():
+            return model(x)
+
+        cand.setup = lambda: model.add_hook(not_attn_internal, noop)  # see compare(cand_setup=)
 
     elif config == "b":
 
@@ -211,7 +224,8 @@ def measure_memory(config: str, shape: str | None) -> dict:
         cmd += ["--shape", shape]
     # Every allocation over 64 KiB gets its own mmap, returned to the OS when freed, so RSS follows
     # the live tensors instead of glibc's reuse of heap freed earlier (e.g. while loading).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # load_model's keep_freed_memory would override that, so it is off in the children.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MECHSCOPE_KEEP_FREED_MEMORY": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {config} {shape} failed:\n{proc.stderr[-3000:]}")
@@ -229,7 +243,9 @@ def main() -> None:
     p.add_argument(
         "--repeats", type=int, default=None, help="timed repeats per side at 8x128 (default 11, quick 3)"
     )
-    p.add_argument("--configs", default="a,b,c,d,hf-b", help="comma-separated of a, b, c, d, hf-b")
+    p.add_argument(
+        "--configs", default="a-reg,a,b,c,d,hf-b", help="comma-separated of a-reg, a, b, c, d, hf-b"
+    )
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated of " + ", ".join(SHAPES))
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--no-timing", action="store_true", help="skip the timings (memory only)")
@@ -254,12 +270,15 @@ def main() -> None:
         "interleaved; ratio = median(mechscope) / median(plain) [bootstrap 95% interval]\n"
     )
 
-    model = ms.load_model(MODEL)
+    model = ms.load_model(MODEL)  # also tells glibc to keep freed memory, for both sides alike
+    kept = keep_freed_memory()
+    print(f"host memory: {'freed memory kept for reuse' if kept else 'glibc defaults'} ({ENV})")
+    info["keep_freed_memory"] = kept
     n_a = sum(map(not_attn_internal, model.hook_names))
     n_b = sum(map(cached_b, model.hook_names))
     print(f"hook points: {len(model.hook_names)}; (a) hooks {n_a}; (b) caches {n_b}; (c) caches all\n")
 
-    jobs = [(c, s) for c in ("a", "b", "c", "hf-b") if c in configs for s in shapes]
+    jobs = [(c, s) for c in ("a-reg", "a", "b", "c", "hf-b") if c in configs for s in shapes]
     if "d" in configs:
         jobs.append(("d", None))
     if args.no_timing:
@@ -272,7 +291,8 @@ def main() -> None:
                 assert plain().shape == cand().shape == (1, PROMPT_LEN + NEW_TOKENS)
             # the small shapes are ~20x faster, so they get more repeats for the same time
             reps = {"8x128": repeats, "1x32": repeats * 6, None: repeats * 3}[shape]
-            r = compare(plain, cand, reps, warmup=1 if shape == "8x128" else 3)
+            setup = getattr(cand, "setup", None)
+            r = compare(plain, cand, reps, warmup=1 if shape == "8x128" else 3, cand_setup=setup)
             r.update(config=config, shape=shape or f"gen 1x{PROMPT_LEN}+{NEW_TOKENS}", target=TARGETS[config])
             results.append(r)
             print(f"({config:>4}) {r['shape']:>12}: {describe(r)}", flush=True)

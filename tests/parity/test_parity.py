@@ -4,6 +4,8 @@ attention path against the fast kernel, and gradients against autograd on the pl
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -147,6 +149,30 @@ def test_eager_attention_path_agrees_with_fast_kernel(model):
     torch.testing.assert_close(logits, plain_logits(model, tokens), atol=1e-5, rtol=1e-5)
     assert model.hf_model.config._attn_implementation != "mechscope"  # switched back
     assert no_torch_hooks(model)
+
+
+def test_patterns_equal_transformers_own_eager_attention(model):
+    """mechscope's eager path (KV heads shared by stacking their query heads, softmax in place)
+    against HF's eager implementation returning its attention weights, on a left-padded batch."""
+    if model.cfg.family == "attn_only":
+        pytest.skip("mechscope's own toy model: it does not return attention weights")
+    tokens = random_tokens(model, batch=2)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    _, cache = model.run_with_cache(tokens, lambda n: n.endswith("hook_pattern"), attention_mask=mask)
+    # A copy: HF records attention weights with forward hooks that it leaves on the modules.
+    reference = copy.deepcopy(model.hf_model)
+    reference.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = reference(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            output_attentions=True,
+        )
+    assert len(out.attentions) == model.cfg.n_layers
+    for layer, expected in enumerate(out.attentions):
+        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_every_hook_point_has_tl_shape(model):
@@ -322,6 +348,18 @@ def test_scores_and_pattern_are_consistent(model):
         torch.testing.assert_close(scores.softmax(-1), pattern)
         torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern[..., 0]))
         assert torch.all(pattern.triu(1) == 0)  # causal
+
+
+def test_a_scores_replacement_is_not_overwritten_by_the_softmax(model):
+    tokens = random_tokens(model)
+    name = "blocks.0.attn.hook_attn_scores"
+    _, cache = model.run_with_cache(tokens, name)
+    mine = cache[name].clone()
+    mine[..., 0, 0] += 1.0
+    before = mine.clone()
+    with model.hooks({name: lambda x, hook: mine}):
+        model(tokens)
+    assert torch.equal(mine, before)
 
 
 def test_gradients_match_autograd_on_the_plain_model(model):

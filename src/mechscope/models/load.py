@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from mechscope.models.adapters import adapter_for, adapters
 from mechscope.models.errors import ModelNotAvailableError
 from mechscope.models.hooked import HookedModel
+from mechscope.models.host_memory import keep_freed_memory
 from mechscope.models.sources import SOURCES, cache_root
 from mechscope.models.tiny import byte_tokenizer
 
@@ -50,7 +51,12 @@ def load_model(
         ModelNotAvailableError: the alias' package is missing (the message has the install
             command), or a hub id could not be fetched.
         UnsupportedArchitectureError: the model's family has no adapter.
+
+    Also tells glibc to keep freed memory for reuse (:mod:`mechscope.models.host_memory`; a plain
+    CPU forward ~10% faster, caching activations no longer paying page faults for what it holds);
+    ``MECHSCOPE_KEEP_FREED_MEMORY=0`` turns that off.
     """
+    keep_freed_memory()
     hf_model, tokenizer = _load_hf(name)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
