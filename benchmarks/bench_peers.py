@@ -11,7 +11,8 @@ Runs in its own virtual environment (the peers pin their own dependencies), for 
         --model-dir ~/.cache/mechscope/converted/SmolLM2-135M-Instruct.Q4_1-<key>
 
 ``--model-dir`` is the safetensors directory mechscope writes on its first load of smollm2-135m
-(a normal HF directory). This script does not import mechscope.
+(a normal HF directory). This script does not import mechscope; it does load its host_memory file
+to keep freed memory as ``load_model`` does (``--glibc-defaults`` leaves the allocator alone).
 
 Equivalents measured (each peer's own idiom):
     b  TL: run_with_cache(names_filter=resid_pre|resid_post|attn_out|mlp_out|attn.hook_pattern)
@@ -190,6 +191,18 @@ def versions() -> dict:
     return out
 
 
+def _host_memory():
+    """mechscope's host_memory module, loaded from its file (it imports nothing of mechscope), so
+    that the peers run under the same allocator setting as mechscope's own benchmark."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "src", "mechscope", "models", "host_memory.py")
+    spec = importlib.util.spec_from_file_location("host_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -201,12 +214,20 @@ def main() -> None:
         "--repeats", type=int, default=None, help="timed repeats per side at 8x128 (default 11, quick 2)"
     )
     p.add_argument("--json", help="also write every raw timing to this file")
+    p.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's allocator as it is (default: keep freed memory, as mechscope's load_model does)",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(1)
+    kept = False if args.glibc_defaults else _host_memory().keep_freed_memory()
+    print(f"host memory: {'freed memory kept for reuse' if kept else 'glibc defaults'}")
     repeats = args.repeats or (2 if args.quick else 11)
     model_dir = os.path.expanduser(args.model_dir)
     info = machine()
+    info["keep_freed_memory"] = kept
     print(f"machine: {info}\nversions: {versions()}")
     print(f"{repeats} repeats per side at 8x128 (x6 at 1x32, x3 for generation), interleaved\n")
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
