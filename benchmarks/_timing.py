@@ -34,12 +34,18 @@ def compare(
     freshly allocated memory show up. ``ci95`` is a bootstrap
     interval of the ratio (each side resampled on its own).
     """
+
+    def run_cand():
+        undo = cand_setup() if cand_setup else None
+        try:
+            return cand()
+        finally:
+            if undo is not None:
+                undo()
+
     for _ in range(warmup):
         plain()
-        undo = cand_setup() if cand_setup else None
-        cand()
-        if undo is not None:
-            undo()
+        run_cand()
     wall: dict[str, list[float]] = {"plain": [], "cand": []}
     cpu: dict[str, list[float]] = {"plain": [], "cand": []}
     sys_: dict[str, list[float]] = {"plain": [], "cand": []}
@@ -54,7 +60,7 @@ def compare(
                 out = fn()
                 t1, c1, s1 = time.perf_counter(), time.process_time(), os.times().system
                 del out
-                if undo is not None:
+                if undo is not None:  # untimed, like the setup
                     undo()
                 wall[key].append(t1 - t0)
                 cpu[key].append(c1 - c0)
