@@ -1,10 +1,12 @@
 """mechscope on a CUDA GPU: bench_core.py's overhead configurations against plain ``transformers``, and
 the SAE training step with the sparse TopK kernels against the dense maths.
 
-1. **Overhead** (a: no-op hooks on every point outside attention; b: cache resid_pre/resid_post/
+1. **Overhead** (a: no-op hooks on every point outside attention, attached and detached around each
+   forward; a-reg: the same hooks registered before the timing; b: cache resid_pre/resid_post/
    attn_out/mlp_out + patterns; c: cache every point; d: ``generate`` with a steering hook, 16-token
-   prompt, 32 new tokens, greedy), each as ``median(mechscope) / median(plain HF)`` from interleaved
-   repeats in one process (``_timing.compare``; every call ends with ``torch.cuda.synchronize()``), with
+   prompt, 32 new tokens, greedy; hf-eager, a reference without mechscope: transformers' own eager
+   attention against its SDPA, the kernels b and c's eager path is up against), each as
+   ``median(mechscope) / median(plain HF)`` from interleaved repeats in one process (``_timing.compare``; every call ends with ``torch.cuda.synchronize()``), with
    the absolute medians and the peak CUDA memory above the model's (``max_memory_allocated``).
 2. **SAE training**: one TopK step (forward, AuxK, backward, Adam) on the sparse kernels against the same
    step on the dense maths (``sae.sparse_kernels`` forced), tokens/s of each; batch 4096. What it found
@@ -20,6 +22,7 @@ Usage: python benchmarks/bench_gpu.py [--model smollm2-135m | --random-like DIR]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import tempfile
@@ -88,7 +91,18 @@ def workloads(model: ms.HookedModel, config: str, shape: str):
         with model.hooks({not_attn_internal: noop}):
             return model(x)
 
+    def cand_a_reg():
+        return model(x)
+
+    cand_a_reg.setup = lambda: model.add_hook(not_attn_internal, noop)  # registered untimed
+
+    if config == "hf-eager":  # no mechscope: HF's own eager attention against its SDPA (the plain side)
+        eager = copy.deepcopy(hf)
+        eager.config._attn_implementation = "eager"
+        return plain, lambda: eager(input_ids=x, use_cache=False).logits
+
     cands = {
+        "a-reg": cand_a_reg,
         "a": cand_a,
         "b": lambda: model.run_with_cache(x, names=cached_b),
         "c": lambda: model.run_with_cache(x, names=None),
@@ -96,10 +110,11 @@ def workloads(model: ms.HookedModel, config: str, shape: str):
     return plain, cands[config]
 
 
-def peak_mib(fn) -> float:
+def peak_mib(fn, setup=None) -> float:
     """CUDA memory a call allocates at its peak beyond what was allocated before it (its result kept)."""
     if not torch.cuda.is_available():
         return float("nan")  # a smoke run on the CPU (--device cpu)
+    undo = setup() if setup else None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -107,6 +122,8 @@ def peak_mib(fn) -> float:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     del out
+    if undo is not None:
+        undo()
     return peak / 2**20
 
 
@@ -115,10 +132,12 @@ def overhead(model: ms.HookedModel, repeats: int, configs: list[str], shapes: li
     rows = []
     for config in configs:
         for shape in ("1x32",) if config == "d" else shapes:
-            plain, cand = (synced(f) for f in workloads(model, config, shape))
-            r = compare(plain, cand, repeats=repeats, warmup=3)
-            r.update(config=config, shape="generate" if config == "d" else shape, target=TARGETS[config])
-            r["plain_peak_mib"], r["cand_peak_mib"] = peak_mib(plain), peak_mib(cand)
+            plain, cand = workloads(model, config, shape)
+            setup = getattr(cand, "setup", None)
+            plain, cand = synced(plain), synced(cand)
+            r = compare(plain, cand, repeats=repeats, warmup=3, cand_setup=setup)
+            r.update(config=config, shape="generate" if config == "d" else shape, target=TARGETS.get(config))
+            r["plain_peak_mib"], r["cand_peak_mib"] = peak_mib(plain), peak_mib(cand, setup)
             print(
                 f"{config} {r['shape']:>8}  {describe(r)}  peak {r['plain_peak_mib']:.0f}/{r['cand_peak_mib']:.0f} MiB",
                 flush=True,
@@ -178,23 +197,26 @@ def main() -> None:
     p.add_argument(
         "--device", default="cuda", help="cpu: a quick smoke run of this script, no numbers to keep"
     )
-    p.add_argument("--configs", default="a,b,c,d")
+    p.add_argument(
+        "--configs", default="a-reg,a,b,c,d", help="comma-separated of a-reg, a, b, c, d, hf-eager"
+    )
+    p.add_argument("--no-tf32", action="store_true", help="plain float32 matmuls")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--sae-expansions", default="8,32,128")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark is for a GPU (bench_core.py measures the CPU)")
-    torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user runs with
+    torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32  # on: what a GPU user runs with
     with tempfile.TemporaryDirectory() as tmp:
         name = str(random_like(a.random_like, Path(tmp))) if a.random_like else a.model
         model = ms.load_model(name, device=a.device)
         gpu = torch.cuda.get_device_name() if a.device == "cuda" else None
-        result = {"machine": machine(), "gpu": gpu, "torch": torch.__version__}
+        result = {"machine": machine(), "gpu": gpu, "tf32": not a.no_tf32}
         result["model"] = f"random weights like {a.random_like.name}" if a.random_like else a.model
         print(result, flush=True)
         result["overhead"] = overhead(model, a.repeats, a.configs.split(","), a.shapes.split(","))
         del model
-    expansions = [int(e) for e in a.sae_expansions.split(",")]
+    expansions = [int(e) for e in a.sae_expansions.split(",") if e]
     result["sae"] = [sae_step(576, e, 32, 4096, a.repeats, a.device) for e in expansions]
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2, default=str))

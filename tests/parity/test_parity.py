@@ -175,6 +175,30 @@ def test_patterns_equal_transformers_own_eager_attention(model):
         torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], expected, atol=1e-6, rtol=1e-5)
 
 
+def test_soft_capped_attention_never_runs_on_sdpa():
+    """SDPA cannot soft-cap scores (transformers 5.17 dropped Gemma 2's cap there silently, later
+    versions raise): a model handed over on SDPA runs HF's eager kernel, which applies the cap."""
+    from transformers import AutoModelForCausalLM
+
+    from mechscope.models.hooked import HookedModel
+    from mechscope.models.tiny import byte_tokenizer
+
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(adapters()["gemma2"].tiny_config(attn_logit_softcapping=0.5))
+    reference = copy.deepcopy(hf_model.eval())
+    reference.config._attn_implementation = "eager"
+    uncapped = copy.deepcopy(reference)
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    hf_model.config._attn_implementation = "sdpa"
+    model = HookedModel(hf_model, byte_tokenizer(), adapters()["gemma2"])
+    tokens = random_tokens(model)
+    with torch.no_grad():
+        expected, without_cap = (m(input_ids=tokens).logits for m in (reference, uncapped))
+    assert not torch.allclose(expected, without_cap, atol=1e-3)  # the cap matters here
+    torch.testing.assert_close(model(tokens), expected, atol=0, rtol=0)
+
+
 def test_every_hook_point_has_tl_shape(model):
     tokens = random_tokens(model, batch=2, pos=7)
     _, cache = model.run_with_cache(tokens)

@@ -88,6 +88,10 @@ class HookedModel:
         self._pos_embed = pos if pos and _has_submodule(hf_model, pos) else None
         self.cfg = ModelFacts.from_hf(hf_model.config, adapter, learned_pos=self._pos_embed is not None)
         self.prepend_bos = tokens.default_prepend_bos(tokenizer, adapter.prepend_bos)
+        if self.cfg.attn_softcap and hf_model.config._attn_implementation == "sdpa":
+            # SDPA cannot soft-cap scores: older transformers (5.17) sent Gemma 2 there and dropped the
+            # cap silently; later ones refuse. HF's eager kernel applies it.
+            hf_model.config._attn_implementation = "eager"
         self._attn_impl = hf_model.config._attn_implementation
         self._eager_users = 0
         self._points: dict[str, HookPoint] = self._build_points()

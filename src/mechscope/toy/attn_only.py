@@ -24,6 +24,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 MODEL_TYPE = "mechscope_attn_only"
+# transformers 5.25 renamed the output's cache field (``past_key_values`` before); the range we support
+# spans both.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class AttnOnlyConfig(PretrainedConfig):
@@ -170,7 +173,7 @@ class AttnOnlyForCausalLM(AttnOnlyPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
 
 AutoConfig.register(MODEL_TYPE, AttnOnlyConfig, exist_ok=True)
