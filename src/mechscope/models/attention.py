@@ -110,7 +110,7 @@ def mechscope_attention(
         pattern = torch.softmax(scores, dim=-1, out=scores)
     if points is not None:
         pattern = _run(points.pattern, pattern, False)
-    weights = F.dropout(pattern, p=dropout, training=module.training)
+    weights = F.dropout(pattern, p=dropout) if dropout and module.training else pattern
     stacked = weights.reshape(batch, n_kv, -1, weights.shape[-1])  # [batch n_kv (group q_pos) k_pos]
     z = torch.matmul(stacked, v)  # [batch n_kv (group q_pos) d_head]
     z = z.view(batch, n_heads, q_pos, d_head).transpose(1, 2).contiguous()  # [batch q_pos n_heads d_head]

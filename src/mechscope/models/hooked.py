@@ -519,10 +519,10 @@ class HookedModel:
             # doubling the peak when caching in another dtype or on another device.
             hit = memo.get(id(x))
             if hit is None or hit[0]() is not x:
-                hit = memo[id(x)] = (
-                    weakref.ref(x),
-                    x.detach().to(device=device or x.device, dtype=dtype or x.dtype),
-                )
+                y = x.detach() if x.requires_grad else x  # each call costs ~1 us: skipped when a no-op
+                if device is not None or dtype is not None:
+                    y = y.to(device=device or y.device, dtype=dtype or y.dtype)
+                hit = memo[id(x)] = (weakref.ref(x), y)
             store[hook.name] = hit[1]
 
         with self.hooks([(n, keep) for n in selected]), self._stop_at(stop_at_layer):

@@ -46,4 +46,3 @@ def density_histogram(density: torch.Tensor, *, bins: int = 40, width: int = 480
         f'<text x="{pad}" y="13" font-size="12">{escape(title)}; x: log10 density</text>'
         f"{''.join(rects)}{ticks}</svg>"
     )
-
