@@ -6,8 +6,9 @@ the SAE training step with the sparse TopK kernels against the dense maths.
    attn_out/mlp_out + patterns; c: cache every point; d: ``generate`` with a steering hook, 16-token
    prompt, 32 new tokens, greedy; hf-eager, a reference without mechscope: transformers' own eager
    attention against its SDPA, the kernels b and c's eager path is up against), each as
-   ``median(mechscope) / median(plain HF)`` from interleaved repeats in one process (``_timing.compare``; every call ends with ``torch.cuda.synchronize()``), with
-   the absolute medians and the peak CUDA memory above the model's (``max_memory_allocated``).
+   ``median(mechscope) / median(plain HF)`` from interleaved repeats in one process
+   (``_timing.compare``; every call ends with ``torch.cuda.synchronize()``), with the absolute
+   medians and the peak CUDA memory above the model's (``max_memory_allocated``).
 2. **SAE training**: one TopK step (forward, AuxK, backward, Adam) on the sparse kernels against the same
    step on the dense maths (``sae.sparse_kernels`` forced), tokens/s of each; batch 4096. What it found
    set ``mechscope.saes.arch.sparse.CUDA_MIN_D_SAE``.
@@ -87,6 +88,11 @@ def workloads(model: ms.HookedModel, config: str, shape: str):
     def plain():
         return hf(input_ids=x, use_cache=False).logits
 
+    if config == "hf-eager":  # no mechscope: HF's own eager attention against its SDPA (the plain side)
+        eager = copy.deepcopy(hf)
+        eager.config._attn_implementation = "eager"
+        return plain, lambda: eager(input_ids=x, use_cache=False).logits
+
     def cand_a():
         with model.hooks({not_attn_internal: noop}):
             return model(x)
@@ -95,11 +101,6 @@ def workloads(model: ms.HookedModel, config: str, shape: str):
         return model(x)
 
     cand_a_reg.setup = lambda: model.add_hook(not_attn_internal, noop)  # registered untimed
-
-    if config == "hf-eager":  # no mechscope: HF's own eager attention against its SDPA (the plain side)
-        eager = copy.deepcopy(hf)
-        eager.config._attn_implementation = "eager"
-        return plain, lambda: eager(input_ids=x, use_cache=False).logits
 
     cands = {
         "a-reg": cand_a_reg,
