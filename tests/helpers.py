@@ -12,8 +12,9 @@ def random_tokens(model: ms.HookedModel, batch: int = 2, pos: int = 10, seed: in
     return torch.randint(0, 256, (batch, pos), generator=g)
 
 
-def no_torch_hooks(model: ms.HookedModel) -> bool:
-    """True when no PyTorch hook of any kind is left on the HF model."""
+def no_hooks_left(model: ms.HookedModel) -> bool:
+    """True when no hook of any kind is left on the HF model: PyTorch's, or a mechscope tap (an instance ``forward``)."""
     return all(
-        not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks) for m in model.hf_model.modules()
+        not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or "forward" in m.__dict__)
+        for m in model.hf_model.modules()
     )

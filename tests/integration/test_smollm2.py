@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mechscope.models import edits
-from tests.helpers import no_torch_hooks
+from tests.helpers import no_hooks_left
 
 pytestmark = pytest.mark.slow
 PROMPT = "The Eiffel Tower is in the city of"
@@ -69,7 +69,7 @@ def test_steering_generate_changes_the_text_and_is_removed(smollm2):
     )
     assert steered != plain and steered.startswith(prompt)
     assert smollm2.generate(prompt, max_new_tokens=12) == plain
-    assert no_torch_hooks(smollm2)
+    assert no_hooks_left(smollm2)
 
 
 def test_real_heads_previous_token_and_induction(smollm2):

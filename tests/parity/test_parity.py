@@ -12,7 +12,7 @@ import torch
 import mechscope as ms
 from mechscope.models import edits
 from mechscope.models.adapters import adapters
-from tests.helpers import no_torch_hooks, random_tokens
+from tests.helpers import no_hooks_left, random_tokens
 
 # HF module names written out here, independently of the adapters, for the plain-torch references.
 HF = {
@@ -148,7 +148,7 @@ def test_eager_attention_path_agrees_with_fast_kernel(model):
     logits, cache = model.run_with_cache(tokens, lambda n: n.endswith("hook_pattern"))
     torch.testing.assert_close(logits, plain_logits(model, tokens), atol=1e-5, rtol=1e-5)
     assert model.hf_model.config._attn_implementation != "mechscope"  # switched back
-    assert no_torch_hooks(model)
+    assert no_hooks_left(model)
 
 
 def test_patterns_equal_transformers_own_eager_attention(model):
@@ -412,4 +412,4 @@ def test_gradients_match_autograd_on_the_plain_model(model):
     torch.testing.assert_close(run.grads["blocks.1.hook_resid_pre"], expected, atol=1e-6, rtol=1e-5)
     assert run.grads["blocks.0.attn.hook_z"].abs().sum() > 0
     assert run.grads["blocks.0.attn.hook_v"].shape == run.cache["blocks.0.attn.hook_v"].shape
-    assert no_torch_hooks(model)
+    assert no_hooks_left(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import no_torch_hooks, random_tokens
+from tests.helpers import no_hooks_left, random_tokens
 
 
 def test_names_select_what_is_cached(tiny):
@@ -14,13 +14,21 @@ def test_names_select_what_is_cached(tiny):
     assert set(by_list) == {"blocks.0.hook_resid_post", "hook_embed"}
     _, by_filter = tiny.run_with_cache(tokens, lambda n: n.endswith("hook_attn_out"))
     assert set(by_filter) == {f"blocks.{i}.hook_attn_out" for i in range(tiny.cfg.n_layers)}
-    assert no_torch_hooks(tiny)
+    assert no_hooks_left(tiny)
 
 
 def test_aliased_points_are_stored_once(tiny):
-    _, cache = tiny.run_with_cache(random_tokens(tiny), dtype=torch.float16)
+    tokens = random_tokens(tiny)
+    _, cache = tiny.run_with_cache(tokens, dtype=torch.float16)  # converted once, shared
     assert cache["blocks.0.hook_resid_post"] is cache["blocks.1.hook_resid_pre"]
     assert cache["blocks.0.hook_resid_post"].dtype == torch.float16
+    _, cache = tiny.run_with_cache(tokens)  # the forward's own tensor
+    assert cache["blocks.0.hook_resid_post"] is cache["blocks.1.hook_resid_pre"]
+    grad_from_embed = {"hook_embed": lambda x, h: x.detach().requires_grad_(True)}
+    with torch.enable_grad(), tiny.hooks(grad_from_embed):  # detached once, shared
+        _, cache = tiny.run_with_cache(tokens)
+    assert cache["blocks.0.hook_resid_post"] is cache["blocks.1.hook_resid_pre"]
+    assert not any(t.requires_grad for t in cache.values())
 
 
 def test_stop_at_layer_skips_later_blocks(tiny):
@@ -36,7 +44,7 @@ def test_stop_at_layer_skips_later_blocks(tiny):
     _, full = tiny.run_with_cache(tokens, ["blocks.1.hook_resid_pre"])
     torch.testing.assert_close(resid, full["blocks.1.hook_resid_pre"])
     assert all(not n.startswith("blocks.1.") for n in cache)
-    assert no_torch_hooks(tiny)
+    assert no_hooks_left(tiny)
 
 
 def test_start_at_skips_lower_blocks_and_gives_the_full_run(tiny):
@@ -53,7 +61,7 @@ def test_start_at_skips_lower_blocks_and_gives_the_full_run(tiny):
     assert calls == [True, True]  # block 0 passed its input through instead of running
     torch.testing.assert_close(resumed, logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, logits[:, -1:], atol=1e-5, rtol=1e-5)
-    assert no_torch_hooks(tiny) and "forward" not in vars(tiny.layer(0))
+    assert no_hooks_left(tiny) and "forward" not in vars(tiny.layer(0))
 
 
 def test_start_at_refuses_hooks_it_would_skip_and_wrong_shapes(tiny):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 import mechscope as ms
 from mechscope.models import edits
-from tests.helpers import no_torch_hooks, random_tokens
+from tests.helpers import no_hooks_left, random_tokens
 
 
 def test_hooks_nest_and_are_removed_even_on_error(tiny):
@@ -24,8 +27,20 @@ def test_hooks_nest_and_are_removed_even_on_error(tiny):
     with pytest.raises(RuntimeError, match="inside a hook"):
         with tiny.hooks({"blocks.0.attn.hook_pattern": boom, "blocks.1.hook_attn_out": lambda x, h: None}):
             tiny(tokens)
-    assert no_torch_hooks(tiny)
+    assert no_hooks_left(tiny)
     assert tiny.hf_model.config._attn_implementation != "mechscope"
+
+
+def test_a_dropped_model_is_freed_after_hooking():
+    """Nothing global may keep a model alive: every loaded model used to leak, hooked or not."""
+    model = ms.load_model("tiny-llama")
+    ref = weakref.ref(model.hf_model)
+    _, cache = model.run_with_cache(random_tokens(model))  # every point, attention internals included
+    model.add_hook("blocks.0.hook_resid_mid", lambda x, h: None)
+    model.reset_hooks()
+    del model, cache
+    gc.collect()
+    assert ref() is None
 
 
 def test_unknown_hook_name_lists_close_names_and_attaches_nothing(tiny):
@@ -34,7 +49,7 @@ def test_unknown_hook_name_lists_close_names_and_attaches_nothing(tiny):
             {"blocks.0.hook_attn_out": lambda x, h: None, "blocks.0.hook_resid_pots": lambda x, h: None}
         ):
             pass
-    assert no_torch_hooks(tiny)
+    assert no_hooks_left(tiny)
 
 
 def test_wrong_shape_or_dtype_names_the_hook_and_both_shapes(tiny):
@@ -46,7 +61,7 @@ def test_wrong_shape_or_dtype_names_the_hook_and_both_shapes(tiny):
             tiny(tokens)
     with pytest.raises(ms.models.HookReturnError, match="float16"):
         tiny.run_with_hooks(tokens, {"blocks.0.attn.hook_pattern": lambda x, h: x.half()})
-    assert no_torch_hooks(tiny)
+    assert no_hooks_left(tiny)
     assert tiny.hf_model.config._attn_implementation != "mechscope"
 
 
@@ -68,7 +83,7 @@ def test_add_hook_and_reset(tiny):
     assert not torch.equal(tiny(tokens), clean)
     tiny.reset_hooks()
     assert torch.equal(tiny(tokens), clean)
-    assert no_torch_hooks(tiny)
+    assert no_hooks_left(tiny)
 
 
 def _seen_after(model, tokens, name, edit):

@@ -7,7 +7,7 @@ import torch
 
 import mechscope as ms
 from mechscope.models import edits
-from tests.helpers import no_torch_hooks
+from tests.helpers import no_hooks_left
 
 
 def test_round_trip_and_single_token(tiny):
@@ -57,7 +57,7 @@ def test_steering_during_generate_applies_to_every_token_and_is_removed(tiny):
         steps[0] == len(tiny.to_tokens(prompt)[0]) and steps[1:] == [1] * 7
     )  # KV cache on, hook on each new token
     assert tiny.generate(prompt, max_new_tokens=8, min_new_tokens=8) == plain
-    assert no_torch_hooks(tiny)
+    assert no_hooks_left(tiny)
 
 
 def test_batched_generation_left_pads(tiny):

@@ -35,13 +35,31 @@ class AttentionPoints:
     pattern: HookPoint
 
 
-# attention module -> its points; weak so that dropping a model frees everything.
+# attention module -> its points. Weak, so dropping a model frees everything, which holds only while
+# no value references its key: the points reach the model through nothing but an EagerSwitch.
 _POINTS: weakref.WeakKeyDictionary[nn.Module, AttentionPoints] = weakref.WeakKeyDictionary()
 
 
 def bind(module: nn.Module, points: AttentionPoints) -> None:
     """Route ``module``'s eager attention through ``points``."""
     _POINTS[module] = points
+
+
+class EagerSwitch:
+    """Counts the hooked points inside a model's attention; runs this eager path while any is.
+
+    Holds the model's config only (never a module), so that :data:`_POINTS` stays weak.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.fast = config._attn_implementation  # the kernel to return to
+        self.users = 0
+
+    def __call__(self, delta: int) -> None:
+        before, self.users = self.users, self.users + delta
+        if (before > 0) != (self.users > 0):  # only a change of state touches the config
+            self.config._attn_implementation = IMPLEMENTATION if self.users > 0 else self.fast
 
 
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -93,14 +111,16 @@ def mechscope_attention(
         if points.k.active or points.v.active:
             n_rep = n_heads // k.shape[1]
             k, v = _run(points.k, _repeat_kv(k, n_rep), True), _run(points.v, _repeat_kv(v, n_rep), True)
-    n_kv = k.shape[1]
-    stacked = q.reshape(batch, n_kv, -1, d_head)  # [batch n_kv (group q_pos) d_head]
-    scores = torch.matmul(stacked, k.transpose(2, 3)).view(batch, n_heads, q_pos, -1)
+    n_kv, k_pos = k.shape[1], k.shape[2]
+    # bmm on 3-d views: torch.matmul's 4-d batching costs ~10 us a call, as much as the product at 1 x 32
+    k3 = k.reshape(batch * n_kv, k_pos, d_head)
+    stacked = q.reshape(batch * n_kv, -1, d_head)  # [(batch n_kv) (group q_pos) d_head]
+    scores = torch.bmm(stacked, k3.transpose(1, 2)).view(batch, n_heads, q_pos, k_pos)
     scores.mul_(scaling)  # in place: the matmul's backward needs its inputs, not its output
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap  # out of place: tanh's backward needs its output
     if attention_mask is not None:
-        scores.add_(attention_mask[:, :, :, : k.shape[2]])
+        scores.add_(attention_mask[:, :, :, :k_pos])
     scores_hooked = points is not None and points.scores.active
     if scores_hooked:
         scores = _run(points.scores, scores, False)
@@ -111,8 +131,8 @@ def mechscope_attention(
     if points is not None:
         pattern = _run(points.pattern, pattern, False)
     weights = F.dropout(pattern, p=dropout) if dropout and module.training else pattern
-    stacked = weights.reshape(batch, n_kv, -1, weights.shape[-1])  # [batch n_kv (group q_pos) k_pos]
-    z = torch.matmul(stacked, v)  # [batch n_kv (group q_pos) d_head]
+    stacked = weights.reshape(batch * n_kv, -1, k_pos)  # [(batch n_kv) (group q_pos) k_pos]
+    z = torch.bmm(stacked, v.reshape(batch * n_kv, k_pos, d_head))  # [(batch n_kv) (group q_pos) d_head]
     z = z.view(batch, n_heads, q_pos, d_head).transpose(1, 2).contiguous()  # [batch q_pos n_heads d_head]
     return z, pattern
 

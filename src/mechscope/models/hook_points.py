@@ -18,7 +18,6 @@ hooks that others register still run around the wrapper: pre-hooks before it, fo
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,20 +48,29 @@ class HookPoint:
         """Add ``fn``; returns a function that removes exactly this registration."""
         if not self._fns:
             self._attach()
-        key = next(_ids)
-        self._fns.append((key, fn))
+        entry = (next(_ids), fn)  # unique even when the same fn is added twice
+        self._fns.append(entry)
 
         def remove() -> None:
-            before = len(self._fns)
-            self._fns = [(k, f) for k, f in self._fns if k != key]
-            if before and not self._fns:
+            try:
+                self._fns.remove(entry)  # in place: run() iterates over a copy
+            except ValueError:
+                return  # removed already
+            if not self._fns:
                 self._detach()
 
         return remove
 
     def run(self, x: Tensor) -> Tensor:
         """Pass ``x`` through every function; returns ``x`` itself when none replaced it."""
-        for _, fn in list(self._fns):
+        fns = self._fns
+        if len(fns) == 1:  # the usual case, without copying the list (every call runs with cold CPU caches)
+            out = fns[0][1](x, self)
+            if out is None:
+                return x
+            _check_replacement(self.name, x, out)
+            return out
+        for _, fn in list(fns):
             out = fn(x, self)
             if out is not None:
                 _check_replacement(self.name, x, out)
@@ -104,7 +112,9 @@ class _Tap:
     the module runs (the lists are read when its forward starts).
     """
 
-    _taps: weakref.WeakKeyDictionary[nn.Module, _Tap] = weakref.WeakKeyDictionary()
+    # Kept in the module's own __dict__: a module <-> tap cycle the garbage collector frees with the
+    # model. (A class-level WeakKeyDictionary never did: its value, the tap, holds the module.)
+    _ATTR = "_mechscope_tap"
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -112,12 +122,13 @@ class _Tap:
         self.post: list[PostFn] = []
         self._inner: Callable | None = None
         self._had_instance_forward = False
+        self._wrapper = self._forward  # one bound method for every install
 
     @classmethod
     def of(cls, module: nn.Module) -> _Tap:
-        tap = cls._taps.get(module)
+        tap = module.__dict__.get(cls._ATTR)
         if tap is None:
-            tap = cls._taps[module] = cls(module)
+            tap = module.__dict__[cls._ATTR] = cls(module)
         return tap
 
     def add(self, kind: str, fn: Callable, prepend: bool = False) -> Callable[[], None]:
@@ -144,7 +155,7 @@ class _Tap:
         # which costs more than everything else here, and ``forward`` is none of those.
         self._had_instance_forward = "forward" in m.__dict__
         self._inner = m.forward
-        m.__dict__["forward"] = self._forward
+        m.__dict__["forward"] = self._wrapper
 
     def _uninstall(self) -> None:
         m = self.module
@@ -174,6 +185,7 @@ class _ModulePoint(HookPoint):
     def __init__(self, name, layer, module: nn.Module, view=_identity, unview=_identity):
         super().__init__(name, layer)
         self.module, self.view, self.unview = module, view, unview
+        self.tap = _Tap.of(module)  # looked up once: attaching touches as few objects as possible
         self._remove: Callable[[], None] | None = None
 
     def _detach(self) -> None:
@@ -186,15 +198,15 @@ class OutputPoint(_ModulePoint):
     """The output of a module (the first element when it returns a tuple)."""
 
     def _attach(self) -> None:
-        self._remove = _Tap.of(self.module).add("post", self._hook)
+        self._remove = self.tap.add("post", self._hook)
 
     def _hook(self, module, args, output):
         t = output[0] if isinstance(output, tuple) else output
-        x = self.view(t)
+        x = t if self.view is _identity else self.view(t)
         y = self.run(x)
         if y is x:
             return None
-        t = self.unview(y)
+        t = y if self.unview is _identity else self.unview(y)
         return (t, *output[1:]) if isinstance(output, tuple) else t
 
 
@@ -202,15 +214,15 @@ class InputPoint(_ModulePoint):
     """The first input of a module (positional, or the ``hidden_states`` keyword)."""
 
     def _attach(self) -> None:
-        self._remove = _Tap.of(self.module).add("pre", self._hook)
+        self._remove = self.tap.add("pre", self._hook)
 
     def _hook(self, module, args, kwargs):
         t = args[0] if args else kwargs["hidden_states"]
-        x = self.view(t)
+        x = t if self.view is _identity else self.view(t)
         y = self.run(x)
         if y is x:
             return None
-        t = self.unview(y)
+        t = y if self.unview is _identity else self.unview(y)
         if args:
             return (t, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": t}
@@ -242,7 +254,7 @@ class ResidMidPoint(HookPoint):
 
     def __init__(self, name, layer, layer_module: nn.Module, ln2: nn.Module, mlp_out: nn.Module):
         super().__init__(name, layer)
-        self.layer_module, self.ln2, self.mlp_out = layer_module, ln2, mlp_out
+        self.layer_tap, self.ln2_tap, self.mlp_out_tap = _Tap.of(layer_module), _Tap.of(ln2), _Tap.of(mlp_out)
         self._removers: list[Callable[[], None]] = []
         self._capture: Callable[[], None] | None = None
         self._pending: Tensor | None = None
@@ -250,9 +262,9 @@ class ResidMidPoint(HookPoint):
 
     def _attach(self) -> None:
         self._removers = [
-            _Tap.of(self.ln2).add("pre", self._pre_ln2),
+            self.ln2_tap.add("pre", self._pre_ln2),
             # prepend: the fix must land before anyone (e.g. a resid_post hook) reads the output.
-            _Tap.of(self.layer_module).add("post", self._post_layer, prepend=True),
+            self.layer_tap.add("post", self._post_layer, prepend=True),
         ]
 
     def _detach(self) -> None:
@@ -275,7 +287,7 @@ class ResidMidPoint(HookPoint):
             return None
         self._pending = y
         # Registered now, i.e. after every user hook on mlp_out: it sees the final mlp_out.
-        self._capture = _Tap.of(self.mlp_out).add("post", self._capture_mlp_out)
+        self._capture = self.mlp_out_tap.add("post", self._capture_mlp_out)
         return ((y, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
 
     def _capture_mlp_out(self, module, args, output):

@@ -92,8 +92,7 @@ class HookedModel:
             # SDPA cannot soft-cap scores: older transformers (5.17) sent Gemma 2 there and dropped the
             # cap silently; later ones refuse. HF's eager kernel applies it.
             hf_model.config._attn_implementation = "eager"
-        self._attn_impl = hf_model.config._attn_implementation
-        self._eager_users = 0
+        self._eager = attention.EagerSwitch(hf_model.config)
         self._points: dict[str, HookPoint] = self._build_points()
         self._raw_points: dict[str, HookPoint] = {}
         self._permanent: list[Callable[[], None]] = []
@@ -126,6 +125,9 @@ class HookedModel:
 
     def hook_point(self, name: str) -> HookPoint:
         """The :class:`HookPoint` of a canonical name, an alias, or a raw HF module path."""
+        point = self._points.get(name)
+        if point is not None:
+            return point
         name = ALIASES.get(name, name)
         if name in self._points:
             return self._points[name]
@@ -210,7 +212,7 @@ class HookedModel:
         def flat(t: Tensor) -> Tensor:
             return t.flatten(-2)
 
-        switch = self._switch_attention
+        switch = self._eager
         return {
             "hook_resid_pre": lambda n: InputPoint(n, i, layer),
             "ln1.hook_normalized": lambda n: OutputPoint(n, i, sub(a.ln1)),
@@ -229,13 +231,6 @@ class HookedModel:
             "hook_mlp_out": lambda n: OutputPoint(n, i, sub(a.mlp_out)),
             "hook_resid_post": lambda n: OutputPoint(n, i, layer),
         }
-
-    def _switch_attention(self, delta: int) -> None:
-        """Count points inside attention that are hooked; use the eager path while any is."""
-        self._eager_users += delta
-        impl = attention.IMPLEMENTATION if self._eager_users > 0 else self._attn_impl
-        if self.hf_model.config._attn_implementation != impl:
-            self.hf_model.config._attn_implementation = impl
 
     # ------------------------------------------------------------------ hooks
     def _resolve(self, spec: HookSpec) -> list[tuple[HookPoint, HookFn]]:
@@ -512,15 +507,19 @@ class HookedModel:
         selected = self._select(names, stop_at_layer)
         store: dict[str, Tensor] = {}
         memo: dict[int, tuple[weakref.ref, Tensor]] = {}
+        convert = device is not None or dtype is not None
 
         def keep(x: Tensor, hook: HookPoint) -> None:
-            # Aliased points (resid_post L is resid_pre L+1) share one stored tensor, never a copy each.
+            if not (convert or x.requires_grad):
+                store[hook.name] = x  # aliased points (resid_post L, resid_pre L+1) pass the same object
+                return
+            # detach / to make a new tensor per call: aliased points must share one, never a copy each.
             # A weak reference: a strong one would keep every original alive until the forward ends,
             # doubling the peak when caching in another dtype or on another device.
             hit = memo.get(id(x))
             if hit is None or hit[0]() is not x:
-                y = x.detach() if x.requires_grad else x  # each call costs ~1 us: skipped when a no-op
-                if device is not None or dtype is not None:
+                y = x.detach() if x.requires_grad else x
+                if convert:
                     y = y.to(device=device or y.device, dtype=dtype or y.dtype)
                 hit = memo[id(x)] = (weakref.ref(x), y)
             store[hook.name] = hit[1]
