@@ -38,7 +38,6 @@ Conv1D ``[in, out]``) never matters; post-norm MLPs (Gemma) are edited before th
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -73,8 +72,10 @@ from mechscope.probes.rome_request import (
 log = logging.getLogger(__name__)
 WEAK_TRACE = 0.1
 """A located layer whose MLP effect is below this share of the total effect (clean - corrupted) is warned about."""
-_APPLIED: weakref.WeakKeyDictionary[torch.nn.Module, list[Edit]] = weakref.WeakKeyDictionary()
-"""Per edited module, its applied edits in order: undo must go last-in first-out, or it would erase later ones."""
+_APPLIED = "_mechscope_rome_edits"
+"""The attribute of an edited module holding its applied edits in order: undo must go last-in first-out,
+or it would erase later ones. On the module itself, so the model can be freed with edits applied
+(a weak map keyed by the module never let go: its values, the edits, reach the module)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,7 +339,7 @@ class Edit:
         self._original = module.weight.detach().clone()
         view = in_out(module)  # [d_mlp d_model] whatever the HF layout
         view.add_(self.delta_w.to(device=view.device, dtype=view.dtype))
-        _APPLIED.setdefault(module, []).append(self)
+        module.__dict__.setdefault(_APPLIED, []).append(self)
         return self
 
     @torch.no_grad()
@@ -346,7 +347,7 @@ class Edit:
         if self._original is None:
             raise EditError(f"{self!r} is not applied; nothing to undo")
         module = self._module()
-        stack = _APPLIED.get(module, [])
+        stack = module.__dict__.get(_APPLIED, [])
         if stack and stack[-1] is not self:
             raise EditError(f"{stack[-1]!r} was applied after {self!r} to the same weights; undo it first")
         module.weight.copy_(self._original)

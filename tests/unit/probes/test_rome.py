@@ -4,8 +4,10 @@ whole edit in every MLP family of the registry, exact undo, and clear errors for
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -185,6 +187,15 @@ def test_apply_twice_or_undo_unapplied_is_an_error(corpus, cache):
         edit.apply()
     edit.undo()
     assert not edit.applied
+
+
+def test_a_model_with_an_applied_edit_can_be_freed(corpus, cache):
+    model = ms.load_model("tiny-llama")
+    rome(model, PROMPT, SUBJECT, TARGET, CFG, corpus=corpus, cache_dir=cache).apply()
+    ref = weakref.ref(model.hf_model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_stacked_edits_undo_last_in_first_out_back_to_the_original_bits(corpus, cache):
