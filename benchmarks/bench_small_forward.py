@@ -1,0 +1,102 @@
+"""Where bench_core's (a) and (b) spend their time above plain transformers at batch 1 x 32.
+
+1. **attach / detach in context**: ``with model.hooks(...)`` for (a)'s 333 and (b)'s 150 names, timed
+   right after a forward (as in a user's loop: the forward has just streamed ~540 MB of weights
+   through the CPU caches, so every Python object the hooks touch is cold) and, for contrast, in a
+   tight loop (warm caches). Medians over the repeats, milliseconds.
+2. **holding the cached tensors**: plain transformers with PyTorch forward hooks on (b)'s modules
+   (each decoder layer, attention output and MLP: 91 hooks, registered before the timing) that keep
+   every output alive until the call ends, against the same hooks keeping nothing
+   (``_timing.compare``: interleaved, ratio of medians). What any tool pays for holding (b)'s
+   tensors: held memory cannot be reused by the next layer, so its writes go to cold memory.
+
+One CPU thread, smollm2-135m. Usage: .venv/bin/python benchmarks/bench_small_forward.py [--repeats 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from _timing import compare, describe, machine
+from bench_core import cached_b, noop, not_attn_internal, tokens
+
+import mechscope as ms
+from mechscope.models.adapters.base import get_module
+
+
+def attach_detach(model: ms.HookedModel, names: list[str], x: torch.Tensor, repeats: int) -> dict:
+    cold_enter, cold_exit, warm = [], [], []
+    spec = [(n, noop) for n in names]
+    for _ in range(repeats):
+        model.hf_model(input_ids=x, use_cache=False)
+        t0 = time.perf_counter()
+        ctx = model.hooks(spec)
+        ctx.__enter__()
+        t1 = time.perf_counter()
+        model(x)
+        t2 = time.perf_counter()
+        ctx.__exit__(None, None, None)
+        t3 = time.perf_counter()
+        cold_enter.append(t1 - t0)
+        cold_exit.append(t3 - t2)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with model.hooks(spec):
+            pass
+        warm.append(time.perf_counter() - t0)
+    ms_ = lambda v: round(statistics.median(v) * 1e3, 3)  # noqa: E731
+    return {"hooks": len(names), "enter_ms": ms_(cold_enter), "exit_ms": ms_(cold_exit), "warm_both_ms": ms_(warm)}
+
+
+def holding(model: ms.HookedModel, x: torch.Tensor, repeats: int) -> dict:
+    hf, kept, on = model.hf_model, [], [False]
+
+    def hook(module, args, out):
+        if on[0]:
+            kept.append(out[0] if isinstance(out, tuple) else out)
+
+    a = model.adapter  # the modules of (b)'s points: resid_pre/post, attn_out, mlp_out
+    modules = [model.module(a.embed)] + [
+        get_module(layer, path) for layer in model.module(a.layers) for path in ("", a.attn_out, a.mlp_out)
+    ]
+    handles = [m.register_forward_hook(hook) for m in modules]
+
+    def call(keep: bool):
+        on[0] = keep
+        try:
+            return hf(input_ids=x, use_cache=False).logits
+        finally:
+            on[0] = False
+
+    def release():
+        return kept.clear
+
+    try:
+        r = compare(lambda: call(False), lambda: call(True), repeats, warmup=3, cand_setup=release)
+    finally:
+        for h in handles:
+            h.remove()
+    print(f"holding {len(modules)} outputs vs not: {describe(r)}")
+    return {"hooks": len(modules), "ratio": r["ratio"], "ci95": r["ci95"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=60)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(f"machine: {machine()}")
+    model = ms.load_model("smollm2-135m")
+    x = tokens(model, 1, 32)
+    with torch.inference_mode():
+        for label, pred in (("(a)", not_attn_internal), ("(b)", cached_b)):
+            names = [n for n in model.hook_names if pred(n)]
+            print(f"{label} attach/detach: {attach_detach(model, names, x, args.repeats)}")
+        holding(model, x, args.repeats * 2)
+
+
+if __name__ == "__main__":
+    main()
