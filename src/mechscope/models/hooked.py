@@ -1,7 +1,8 @@
 """HookedModel: a HuggingFace causal LM with every TransformerLens hook point.
 
-The HF model runs as it is; mechscope only adds PyTorch hooks, and only while something is
-hooked (see ``hook_points``). An un-hooked forward is therefore the plain HF forward, bit for bit.
+The HF model runs as it is; mechscope only wraps the ``forward`` of the modules whose points are
+hooked, and only while they are (see ``hook_points``). An un-hooked forward is therefore the plain
+HF forward, bit for bit.
 This class does the forward, hooks and caching; tokens, generation, weights and analyses live in
 their own modules as functions of a model.
 """
