@@ -47,8 +47,16 @@ def attach_detach(model: ms.HookedModel, names: list[str], x: torch.Tensor, repe
         with model.hooks(spec):
             pass
         warm.append(time.perf_counter() - t0)
-    ms_ = lambda v: round(statistics.median(v) * 1e3, 3)  # noqa: E731
-    return {"hooks": len(names), "enter_ms": ms_(cold_enter), "exit_ms": ms_(cold_exit), "warm_both_ms": ms_(warm)}
+    return {
+        "hooks": len(names),
+        "enter_ms": _median_ms(cold_enter),
+        "exit_ms": _median_ms(cold_exit),
+        "warm_both_ms": _median_ms(warm),
+    }
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return round(statistics.median(seconds) * 1e3, 3)
 
 
 def holding(model: ms.HookedModel, x: torch.Tensor, repeats: int) -> dict:
@@ -71,11 +79,8 @@ def holding(model: ms.HookedModel, x: torch.Tensor, repeats: int) -> dict:
         finally:
             on[0] = False
 
-    def release():
-        return kept.clear
-
-    try:
-        r = compare(lambda: call(False), lambda: call(True), repeats, warmup=3, cand_setup=release)
+    try:  # cand_setup returns what runs untimed after each kept call: dropping what it kept
+        r = compare(lambda: call(False), lambda: call(True), repeats, warmup=3, cand_setup=lambda: kept.clear)
     finally:
         for h in handles:
             h.remove()

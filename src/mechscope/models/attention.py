@@ -112,7 +112,7 @@ def mechscope_attention(
             n_rep = n_heads // k.shape[1]
             k, v = _run(points.k, _repeat_kv(k, n_rep), True), _run(points.v, _repeat_kv(v, n_rep), True)
     n_kv, k_pos = k.shape[1], k.shape[2]
-    # bmm on 3-d views: torch.matmul's 4-d batching costs ~10 us a call, as much as the product at 1 x 32
+    # bmm on 3-d tensors: torch.matmul's 4-d batching costs ~10 us a call, as much as the product at 1 x 32
     k3 = k.reshape(batch * n_kv, k_pos, d_head)
     stacked = q.reshape(batch * n_kv, -1, d_head)  # [(batch n_kv) (group q_pos) d_head]
     scores = torch.bmm(stacked, k3.transpose(1, 2)).view(batch, n_heads, q_pos, k_pos)
