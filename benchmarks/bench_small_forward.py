@@ -4,7 +4,12 @@
    right after a forward (as in a user's loop: the forward has just streamed ~540 MB of weights
    through the CPU caches, so every Python object the hooks touch is cold) and, for contrast, in a
    tight loop (warm caches). Medians over the repeats, milliseconds.
-2. **holding the cached tensors**: plain transformers with PyTorch forward hooks on (b)'s modules
+2. **(b)'s forward, part by part**: a forward while hooks are registered (added before each timed
+   forward and removed after it, untimed) on (b)'s 150 points that keep their tensors, on the same
+   points doing nothing, on the 30 patterns only (the eager attention path) and on the other 120
+   only, against a plain forward; the five run round-robin (the order rotates every repeat). Medians,
+   milliseconds above plain.
+3. **holding the cached tensors**: plain transformers with PyTorch forward hooks on (b)'s modules
    (each decoder layer, attention output and MLP: 91 hooks, registered before the timing) that keep
    every output alive until the call ends, against the same hooks keeping nothing
    (``_timing.compare``: interleaved, ratio of medians). What any tool pays for holding (b)'s
@@ -16,6 +21,7 @@ One CPU thread, smollm2-135m. Usage: .venv/bin/python benchmarks/bench_small_for
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -59,6 +65,52 @@ def _median_ms(seconds: list[float]) -> float:
     return round(statistics.median(seconds) * 1e3, 3)
 
 
+def parts(model: ms.HookedModel, x: torch.Tensor, repeats: int) -> dict:
+    names = [n for n in model.hook_names if cached_b(n)]
+    patterns = [n for n in names if n.endswith("attn.hook_pattern")]
+    store: dict = {}
+
+    def keep(t, hook):
+        store[hook.name] = t
+
+    specs = {
+        "plain": [],
+        "keep all": [(n, keep) for n in names],
+        "no-op all": [(n, noop) for n in names],
+        "no-op patterns": [(n, noop) for n in patterns],
+        "no-op others": [(n, noop) for n in names if n not in patterns],
+    }
+
+    def timed(spec) -> float:
+        removers = [model.add_hook(n, fn) for n, fn in spec]
+        try:
+            t0 = time.perf_counter()
+            model(x)
+            return time.perf_counter() - t0
+        finally:
+            for remove in removers:
+                remove()
+            store.clear()
+
+    times: dict[str, list[float]] = {k: [] for k in specs}
+    keys = list(specs)
+    for k in keys:  # warm-up
+        timed(specs[k])
+    for i in range(repeats):
+        gc.collect()
+        gc.disable()
+        try:
+            for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
+                times[k].append(timed(specs[k]))
+        finally:
+            gc.enable()
+    plain = statistics.median(times["plain"])
+    out = {"plain_ms": _median_ms(times["plain"])}
+    for k in keys[1:]:
+        out[f"{k} +ms"] = round((statistics.median(times[k]) - plain) * 1e3, 2)
+    return out
+
+
 def holding(model: ms.HookedModel, x: torch.Tensor, repeats: int) -> dict:
     hf, kept, on = model.hf_model, [], [False]
 
@@ -100,6 +152,7 @@ def main() -> None:
         for label, pred in (("(a)", not_attn_internal), ("(b)", cached_b)):
             names = [n for n in model.hook_names if pred(n)]
             print(f"{label} attach/detach: {attach_detach(model, names, x, args.repeats)}")
+        print(f"(b) forward by part: {parts(model, x, args.repeats)}")
         holding(model, x, args.repeats * 2)
 
 

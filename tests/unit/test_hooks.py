@@ -86,6 +86,25 @@ def test_add_hook_and_reset(tiny):
     assert no_hooks_left(tiny)
 
 
+def test_a_removed_hook_is_let_go(tiny):
+    """add_hook's remover must drop the function: a loop that adds and removes patches (each holding
+    its tensors) used to keep every one alive until reset_hooks."""
+
+    class Patch:
+        def __call__(self, x, hook):
+            return None
+
+    patch = Patch()
+    ref = weakref.ref(patch)
+    remove = tiny.add_hook("blocks.0.hook_resid_post", patch)
+    tiny(random_tokens(tiny))
+    remove()
+    del patch, remove
+    gc.collect()
+    assert ref() is None
+    tiny.reset_hooks()  # still safe with nothing left to remove
+
+
 def _seen_after(model, tokens, name, edit):
     seen = {}
     with model.hooks({name: edit}), model.hooks({name: lambda x, h: seen.setdefault("x", x)}):

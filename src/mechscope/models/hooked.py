@@ -283,6 +283,8 @@ class HookedModel:
         def remove() -> None:
             for r in removers:
                 r()
+            if remove in self._permanent:  # forget it, so that nothing keeps fn alive
+                self._permanent.remove(remove)
 
         self._permanent.append(remove)
         return remove
