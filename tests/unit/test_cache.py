@@ -77,6 +77,32 @@ def test_start_at_refuses_hooks_it_would_skip_and_wrong_shapes(tiny):
         pass
 
 
+def test_start_at_leaves_the_skipped_blocks_as_they_were(tiny):
+    """start_at once wrote and deleted a skipped block's ``forward`` itself: an instance ``forward``
+    already there (accelerate's, a raw-path hook's) was deleted, and a hook added inside the context
+    kept the pass-through, so the block stayed skipped for good."""
+    tokens = random_tokens(tiny)
+    logits, cache = tiny.run_with_cache(tokens, ["blocks.1.hook_resid_pre"])
+    resid, block = cache["blocks.1.hook_resid_pre"], tiny.layer(0)
+    with tiny.start_at(1, resid):
+        remove = tiny.add_hook("blocks.0.hook_resid_post", lambda x, hook: None)
+    remove()
+    assert torch.equal(tiny(tokens), logits)
+
+    own = block.forward  # an instance forward, as accelerate's device hooks install
+    block.forward = lambda *args, **kwargs: own(*args, **kwargs)
+    instance = vars(block)["forward"]
+    with tiny.start_at(1, resid):
+        torch.testing.assert_close(tiny(tokens), logits, atol=1e-5, rtol=1e-5)
+    assert vars(block)["forward"] is instance
+    del block.forward
+
+    with tiny.hooks({f"{tiny.adapter.layers}.0.{tiny.adapter.attn}": lambda x, hook: None}):
+        with pytest.raises(ValueError, match="skips it"), tiny.start_at(1, resid):
+            pass
+    assert no_hooks_left(tiny)
+
+
 def test_decomposition_sums_to_the_residual(tiny):
     _, cache = tiny.run_with_cache(random_tokens(tiny))
     n = tiny.cfg.n_layers

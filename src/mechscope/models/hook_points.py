@@ -18,7 +18,8 @@ hooks that others register still run around the wrapper: pre-hooks before it, fo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
@@ -98,6 +99,10 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
+def _no_change(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    return None
+
+
 PreFn = Callable[[nn.Module, tuple, dict], "tuple[tuple, dict] | None"]
 PostFn = Callable[[nn.Module, tuple, Any], Any]
 
@@ -148,9 +153,24 @@ class _Tap:
 
         return remove
 
+    @contextmanager
+    def replaced(self, forward: Callable) -> Iterator[None]:
+        """Run ``forward`` instead of the module's own while the context lasts; callbacks run around it.
+
+        Through the tap, so that hooks added or removed meanwhile, and an instance ``forward`` that was
+        there before (accelerate's), find the module as they left it afterwards.
+        """
+        remove = self.add("pre", _no_change)  # keeps the wrapper installed for the whole context
+        inner, self._inner = self._inner, forward
+        try:
+            yield
+        finally:
+            self._inner = inner
+            remove()
+
     def _install(self) -> None:
         m = self.module
-        # accelerate (device_map) and start_at may already shadow forward with an instance attribute.
+        # accelerate (device_map) may already shadow forward with an instance attribute.
         # Written straight into __dict__: nn.Module.__setattr__ checks parameters, buffers and submodules,
         # which costs more than everything else here, and ``forward`` is none of those.
         self._had_instance_forward = "forward" in m.__dict__
@@ -177,6 +197,11 @@ class _Tap:
             if r is not None:
                 out = r
         return out
+
+
+def replaced_forward(module: nn.Module, forward: Callable):
+    """Context: ``module`` runs ``forward`` instead of its own; its hooks keep working (:meth:`_Tap.replaced`)."""
+    return _Tap.of(module).replaced(forward)
 
 
 class _ModulePoint(HookPoint):

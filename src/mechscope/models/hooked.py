@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -32,6 +32,7 @@ from mechscope.models.hook_points import (
     OutputPoint,
     ResidMidPoint,
     SwitchPoint,
+    replaced_forward,
 )
 
 ModelInput = str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
@@ -455,12 +456,16 @@ class HookedModel:
         """Forwards inside this context begin at block ``layer``, reading ``resid`` as its ``resid_pre``.
 
         Blocks below ``layer`` are skipped (they pass their input through), so their hook points must
-        not be hooked; the input ids still set positions and masks and must match ``resid``'s batch
-        and length. A patch at layer L leaves everything below L unchanged, so sweeps start there.
+        not be hooked (a hook added inside the context sees the passed-through input); the input ids
+        still set positions and masks and must match ``resid``'s batch and length. A patch at layer L
+        leaves everything below L unchanged, so sweeps start there.
         """
         if not 0 <= layer < self.cfg.n_layers:
             raise ValueError(f"layer must be in [0, {self.cfg.n_layers}), got {layer}")
+        skipped = [self.layer(i) for i in range(layer)]
+        inside = {id(m) for block in skipped for m in block.modules()}
         below = [n for n, p in self._points.items() if p.active and p.layer is not None and p.layer < layer]
+        below += [n for n, p in self._raw_points.items() if p.active and id(p.module) in inside]
         if below:
             raise ValueError(f"{below[0]!r} is hooked but start_at({layer}) skips it; remove that hook")
 
@@ -473,16 +478,12 @@ class HookedModel:
             r = resid.to(device=x.device, dtype=x.dtype)
             return ((r, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": r})
 
-        skipped = [self.layer(i) for i in range(layer)]
-        for block in skipped:
-            block.forward = _pass_through  # an instance attribute shadows the class's forward
-        handle = self.layer(layer).register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
-        try:
-            yield self
-        finally:
-            handle.remove()
+        with ExitStack() as stack:
             for block in skipped:
-                del block.forward
+                stack.enter_context(replaced_forward(block, _pass_through))
+            handle = self.layer(layer).register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
+            stack.callback(handle.remove)
+            yield self
 
     def run_with_cache(
         self,
