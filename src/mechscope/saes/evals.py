@@ -18,7 +18,8 @@ Definitions (every sum in float64, over all evaluated tokens):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -70,28 +71,40 @@ class SAEEvaluation:
         return density_histogram(self.reconstruction.density, bins=bins)
 
 
+@contextmanager
+def _eval_mode(sae: SAE) -> Iterator[None]:
+    """Evaluate in eval mode (BatchTopK's threshold), then give the SAE back in the mode it had:
+    evaluating in the middle of a training loop must not switch the training off."""
+    training = sae.training
+    sae.eval()
+    try:
+        yield
+    finally:
+        sae.train(training)
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     sae: SAE, batches: Iterable[Batch], *, dense_threshold: float = 0.1
 ) -> ReconstructionMetrics:
     """L0, MSE, FVU and latent densities of ``sae`` over ``batches`` (``x`` or ``(x, target)``), one pass."""
-    sae.eval()
     n, err, l0 = 0, 0.0, 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     s1 = torch.zeros(sae.cfg.d_out, dtype=torch.float64)
     s2 = 0.0
-    for batch in batches:
-        x, y = batch if isinstance(batch, tuple) else (batch, batch)
-        x, y = x.to(sae.device), y.to(sae.device, torch.float64)
-        acts = sae.encode(x)
-        recon = sae.decode(acts).double()
-        n += len(x)
-        err += float((recon - y).pow(2).sum())
-        active = acts > 0
-        l0 += float(active.sum())
-        fired += active.sum(0).double().cpu()
-        s1 += y.sum(0).cpu()
-        s2 += float(y.pow(2).sum())
+    with _eval_mode(sae):
+        for batch in batches:
+            x, y = batch if isinstance(batch, tuple) else (batch, batch)
+            x, y = x.to(sae.device), y.to(sae.device, torch.float64)
+            acts = sae.encode(x)
+            recon = sae.decode(acts).double()
+            n += len(x)
+            err += float((recon - y).pow(2).sum())
+            active = acts > 0
+            l0 += float(active.sum())
+            fired += active.sum(0).double().cpu()
+            s1 += y.sum(0).cpu()
+            s2 += float(y.pow(2).sum())
     if n == 0:
         raise ValueError("no rows to evaluate: the batches are empty")
     variance = s2 - float(s1.pow(2).sum()) / n  # sum ||y - mean||^2
@@ -128,29 +141,30 @@ def downstream_metrics(
     in both the splice and the zero-ablation, as SAELens' ``exclude_special_tokens_from_reconstruction``:
     an SAE trained without them (the default of every source) is not asked to rebuild an attention sink.
     """
-    sae.eval()
     written = sae.cfg.out_hook_name or sae.cfg.hook_name
     special_ids = torch.tensor(sorted(model.tokenizer.all_special_ids), device=model.device)
     n, clean_sum, sae_sum, zero_sum, kl_sum = 0, 0.0, 0.0, 0.0, 0.0
-    for tokens in contexts:
-        tokens = tokens.to(model.device)
-        clean, cache = model.run_with_cache(tokens, names=[written])
-        keep = torch.isin(tokens, special_ids)
+    with _eval_mode(sae):
+        for tokens in contexts:
+            tokens = tokens.to(model.device)
+            clean, cache = model.run_with_cache(tokens, names=[written])
+            keep = torch.isin(tokens, special_ids)
 
-        def restore(x: Tensor, hook, keep=keep, act=cache[written]) -> Tensor:  # after the splice / ablation
-            return torch.where(keep[..., None], act.to(x.dtype), x)
+            # after the splice / ablation
+            def restore(x: Tensor, hook, keep=keep, act=cache[written]) -> Tensor:
+                return torch.where(keep[..., None], act.to(x.dtype), x)
 
-        restoring = {written: restore} if exclude_special and bool(keep.any()) else {}
-        with model.saes(sae), model.hooks(restoring):
-            spliced = model(tokens)
-        with model.hooks({written: edits.zero()}), model.hooks(restoring):
-            zeroed = model(tokens)
-        n += tokens.shape[0] * (tokens.shape[1] - 1)
-        clean_sum += float(_next_token_loss(clean, tokens).sum())
-        sae_sum += float(_next_token_loss(spliced, tokens).sum())
-        zero_sum += float(_next_token_loss(zeroed, tokens).sum())
-        lp, lq = clean[:, :-1].double().log_softmax(-1), spliced[:, :-1].double().log_softmax(-1)
-        kl_sum += float((lp.exp() * (lp - lq)).sum())
+            restoring = {written: restore} if exclude_special and bool(keep.any()) else {}
+            with model.saes(sae), model.hooks(restoring):
+                spliced = model(tokens)
+            with model.hooks({written: edits.zero()}), model.hooks(restoring):
+                zeroed = model(tokens)
+            n += tokens.shape[0] * (tokens.shape[1] - 1)
+            clean_sum += float(_next_token_loss(clean, tokens).sum())
+            sae_sum += float(_next_token_loss(spliced, tokens).sum())
+            zero_sum += float(_next_token_loss(zeroed, tokens).sum())
+            lp, lq = clean[:, :-1].double().log_softmax(-1), spliced[:, :-1].double().log_softmax(-1)
+            kl_sum += float((lp.exp() * (lp - lq)).sum())
     if n == 0:
         raise ValueError("no contexts to evaluate (each needs at least 2 tokens)")
     clean_l, sae_l, zero_l = clean_sum / n, sae_sum / n, zero_sum / n

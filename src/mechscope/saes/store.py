@@ -166,7 +166,9 @@ class StoreWriter:
                     f"the store at {root} was built differently; use another directory (or delete this one):\n  "
                     + "\n  ".join(diff)
                 )
-            manifest.update(info)
+            # A harvest under way is unfinished until finish(): a kill while extending a finished
+            # store must not leave it marked complete with fewer tokens than asked for.
+            manifest.update(info, complete=False)
         else:
             if root.exists() and any(root.iterdir()):
                 raise IncompatibleStoreError(

@@ -204,6 +204,7 @@ class Trainer:
             native.write_json_atomic(tmp / "state.json", {"step": self.step})
             _fsync_dir(tmp)
             if final.exists():
+                shutil.rmtree(old, ignore_errors=True)  # a kill after the last save's renames left it
                 final.rename(old)
             tmp.rename(final)
             _fsync_dir(self.out)

@@ -55,6 +55,18 @@ def test_reconstruction_metrics_equal_plain_torch(kind):
     assert svg.startswith("<svg") and "dead" in svg
 
 
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_evaluating_mid_training_leaves_the_sae_in_training_mode(llama, kind):
+    sae = _sae(llama.cfg.d_model, kind)
+    sae.train()
+    x = torch.randn(64, llama.cfg.d_model)
+    sae(x)  # a training step: BatchTopK learns its threshold
+    reconstruction_metrics(sae, [x])
+    assert sae.training
+    downstream_metrics(llama, sae, [torch.randint(0, llama.cfg.d_vocab, (2, 8))])
+    assert sae.training
+
+
 def _hf_losses(model: ms.HookedModel, sae, tokens: torch.Tensor, keep: torch.Tensor):
     """Clean / spliced / zeroed CE and KL with plain transformers: a forward hook on decoder layer 1
     that edits every position except ``keep`` ``[batch pos]``."""

@@ -233,3 +233,15 @@ def test_rows_trace_back(store):
     loc = store.locate(ROWS + 3)
     assert loc == (ROWS + 3, 3, 3, ROWS + 3, 3, "doc3", 3, 9)
     assert store.locate(16).source is None and store.locate(16).document == -1
+
+
+def test_a_resumed_harvest_is_incomplete_until_it_finishes(tmp_path):
+    _build(tmp_path / "s")  # a finished store...
+    w = StoreWriter.open(tmp_path / "s", _identity(), {"note": "more tokens"})  # ...extended
+    index, docs, stored, _ = _shard(N_SHARDS, "float32")
+    w.write_shard(N_SHARDS, index, docs, stored)  # killed here, before finish()
+    with pytest.raises(StoreError, match="did not finish"):
+        ActivationStore.open(tmp_path / "s")
+    assert ActivationStore.open(tmp_path / "s", allow_incomplete=True).n_shards == N_SHARDS + 1
+    w.finish()
+    assert ActivationStore.open(tmp_path / "s").complete

@@ -4,6 +4,7 @@ the right way, resume after a kill identical to an unbroken run, streaming sourc
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,20 @@ def test_resume_survives_a_kill_between_checkpoint_renames(tmp_path):
     resumed = _train(run, source)
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_resume_survives_a_kill_before_the_old_checkpoint_is_deleted(tmp_path):
+    source = TensorSource(sparse_data(n=1000))
+    whole = _train(tmp_path / "whole", source)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "broken", source, stop_at=17)
+    run = tmp_path / "broken"
+    # killed after the new checkpoint was renamed into place, before the old one was deleted
+    shutil.copytree(run / "checkpoint", run / "checkpoint.old")
+    resumed = _train(run, source)  # its next checkpoint must not trip over checkpoint.old
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not (run / "checkpoint.old").exists()
 
 
 def test_cli_train_and_eval(llama, tmp_path):
