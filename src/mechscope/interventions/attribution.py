@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mechscope.interventions.metrics import Metric
-from mechscope.interventions.patching import HEAD_POINTS, RESID_POINTS, PatchResult, _names
+from mechscope.interventions.patching import HEAD_POINTS, RESID_POINTS, PatchResult, _names, _same_padding
 from mechscope.models import HookedModel
 from mechscope.models.tokens import Tokens
 
@@ -46,6 +46,11 @@ def prepare_pair(model: HookedModel, clean, corrupted) -> tuple[Tokens, Tokens]:
         raise ValueError(
             f"clean and corrupted inputs must have the same token shape, got {tuple(clean_t.ids.shape)} and "
             f"{tuple(corrupt_t.ids.shape)}; rephrase so they align token by token"
+        )
+    if not _same_padding(clean_t, corrupt_t):
+        raise ValueError(
+            "clean and corrupted prompts pad differently (prompt i of each has a different token length), so "
+            "a patch would copy padding into real tokens; pair prompts of equal token length"
         )
     return clean_t, corrupt_t
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from mechscope.interventions.metrics import Metric, normalise
 from mechscope.models import HookedModel
 from mechscope.models.hook_points import HookPoint
+from mechscope.models.tokens import Tokens
 
 RESID_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 HEAD_POINTS = ("z", "q", "k", "v", "pattern")
@@ -76,6 +77,11 @@ class PatchResult:
 
     def _repr_html_(self) -> str:
         return self.to_html(full_page=False)
+
+
+def _same_padding(a: Tokens, b: Tokens) -> bool:
+    """Whether two batches of the same shape have the same real tokens (the same per-prompt lengths)."""
+    return (a.mask is None) == (b.mask is None) and (a.mask is None or torch.equal(a.mask, b.mask))
 
 
 def _names(model: HookedModel, point: str) -> list[str]:
@@ -167,6 +173,11 @@ def patch_sweep(
         raise ValueError(
             f"clean and corrupted inputs must have the same token shape, got {tuple(clean_t.ids.shape)} and "
             f"{tuple(corrupt_t.ids.shape)}; rephrase so they align token by token"
+        )
+    if not _same_padding(clean_t, corrupt_t):
+        raise ValueError(
+            "clean and corrupted prompts pad differently (prompt i of each has a different token length), so "
+            "a patch would copy padding into real tokens; pair prompts of equal token length"
         )
     base, source = (corrupt_t, clean_t) if direction == "denoise" else (clean_t, corrupt_t)
     n_prompts, n_pos = base.ids.shape

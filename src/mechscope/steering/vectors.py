@@ -76,6 +76,16 @@ class SteeringVector:
             )
         if isinstance(self.positions, slice) and self.positions.step not in (None, 1):
             raise SteeringError(f"positions slices must have step 1, got {self.positions!r}")
+        p = self.positions
+        bounds = [p.start, p.stop] if isinstance(p, slice) else [p] if isinstance(p, int) else list(p or [])
+        if any(b is not None and b < 0 for b in bounds):
+            # A hook sees absolute positions (and one new token per cached decode step), so "from the
+            # end" has no fixed meaning: a negative index would silently match nothing or everything.
+            raise SteeringError(
+                f"positions are absolute token positions (0 = the first token), got {p!r}; negative "
+                "indices are not supported: count from the front, e.g. len(model.to_str_tokens(prompt)) - 1 "
+                "for a prompt's last token"
+            )
         if not self.hook_name:
             raise SteeringError("hook_name is empty; name the hook point, e.g. 'blocks.6.hook_resid_pre'")
 

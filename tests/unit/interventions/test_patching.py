@@ -137,3 +137,17 @@ def test_ablations(model):
     with model.hooks({name: ablation.resample_ablation(other[name], pos=2)}), model.hooks({name: keep}):
         model(tokens)
     assert all(any(torch.equal(seen["x"][i, 2], other[name][j, 2]) for j in range(2)) for i in range(2))
+
+
+def test_prompts_that_pad_differently_are_refused(model):
+    # Same padded shape, but prompt 0 is long in clean and short in corrupted: patching position p
+    # would copy padding into real tokens (and real tokens into padding) without a word.
+    from mechscope.interventions.attribution import attribution_patch
+
+    clean, corrupt = ["the cat sat on a mat", "hi"], ["hi", "the dog sat on a mat"]
+    assert model.tokenize(clean).ids.shape == model.tokenize(corrupt).ids.shape
+    metric = metrics.logit_diff(1, 2)
+    with pytest.raises(ValueError, match="pad differently"):
+        patch_sweep(model, clean, corrupt, metric)
+    with pytest.raises(ValueError, match="pad differently"):
+        attribution_patch(model, clean, corrupt, metric)

@@ -154,3 +154,14 @@ def test_errors_are_clear(llama):
     with pytest.raises(SteeringError, match="2 coefficients for 1 vectors"):
         with steer(llama, v, coeffs=[1.0, 2.0]):
             pass
+
+
+@pytest.mark.parametrize("positions", [-1, [0, -1], slice(-2, None), slice(0, -1)])
+def test_negative_positions_are_refused_not_silently_ignored(llama, positions):
+    # Positions are absolute: -1 matched no token (a silent no-op) and slice(-2, None) every token.
+    with pytest.raises(SteeringError, match="negative"):
+        SteeringVector(hook_name="blocks.0.hook_resid_post", direction=torch.ones(4), positions=positions)
+    with pytest.raises(SteeringError, match="negative"):
+        SteeringVector(hook_name="blocks.0.hook_resid_post", direction=torch.ones(2, 4), positions=-2)
+    with pytest.raises(SteeringError, match="negative"):
+        actadd(llama, "Love", "Hate", 1, start=-1)
