@@ -33,26 +33,8 @@ import torch
 from torch import Tensor
 
 from mechscope.interventions.metrics import Metric
-from mechscope.interventions.patching import HEAD_POINTS, RESID_POINTS, PatchResult, _names, _same_padding
+from mechscope.interventions.patching import HEAD_POINTS, RESID_POINTS, PatchResult, _names, prepare_pair
 from mechscope.models import HookedModel
-from mechscope.models.tokens import Tokens
-
-
-def prepare_pair(model: HookedModel, clean, corrupted) -> tuple[Tokens, Tokens]:
-    """Tokenise a clean/corrupted pair and check that they align token by token (same shape)."""
-    clean_t = model.prepare(clean, None, None, "right")
-    corrupt_t = model.prepare(corrupted, None, None, "right")
-    if clean_t.ids.shape != corrupt_t.ids.shape:
-        raise ValueError(
-            f"clean and corrupted inputs must have the same token shape, got {tuple(clean_t.ids.shape)} and "
-            f"{tuple(corrupt_t.ids.shape)}; rephrase so they align token by token"
-        )
-    if not _same_padding(clean_t, corrupt_t):
-        raise ValueError(
-            "clean and corrupted prompts pad differently (prompt i of each has a different token length), so "
-            "a patch would copy padding into real tokens; pair prompts of equal token length"
-        )
-    return clean_t, corrupt_t
 
 
 def _cell_sums(prod: Tensor, point: str, per: str) -> Tensor:
@@ -98,7 +80,8 @@ def attribution_patch_all(
         ``{point: PatchResult}`` laid out as :func:`~mechscope.interventions.patching.patch_sweep`'s.
 
     Raises:
-        ValueError: different token lengths, an unknown point or direction, or a point this model lacks.
+        ValueError: inputs that do not align token by token (:func:`prepare_pair`), an unknown point
+            or direction, or a point this model lacks.
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
@@ -108,7 +91,7 @@ def attribution_patch_all(
     _check_points(points, per)
     names = {p: _names(model, p) for p in points}
     every = [n for p in points for n in names[p]]
-    clean_t, corrupt_t = prepare_pair(model, clean, corrupted)
+    clean_t, corrupt_t = prepare_pair(model, clean, corrupted, metric)
     base, source = (corrupt_t, clean_t) if direction == "denoise" else (clean_t, corrupt_t)
     keep = getattr(metric, "reads_last", 0)
 

@@ -48,8 +48,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechscope.interventions.ablation import mean_activations
-from mechscope.interventions.attribution import prepare_pair
 from mechscope.interventions.metrics import Metric
+from mechscope.interventions.patching import prepare_pair
 from mechscope.models import HookedModel
 from mechscope.models.adapters.base import get_module
 
@@ -373,10 +373,10 @@ def edge_attribution(
     """EAP scores of every edge in 2 forwards and 1 backward (see the module docstring for the convention).
 
     Raises:
-        ValueError: different token lengths, or a post-norm model.
+        ValueError: inputs that do not align token by token (:func:`prepare_pair`), or a post-norm model.
     """
     graph = Graph.of(model)
-    clean_t, corrupt_t = prepare_pair(model, clean, corrupted)
+    clean_t, corrupt_t = prepare_pair(model, clean, corrupted, metric)
     keep = getattr(metric, "reads_last", 0)
     with torch.no_grad():
         corrupt_logits, cache = model.run_with_cache(
@@ -465,7 +465,7 @@ def circuit_metrics(
     graph = circuits[0].graph
     for c in circuits:
         c.graph.check(model)
-    clean_t, corrupt_t = prepare_pair(model, clean, corrupted)
+    clean_t, corrupt_t = prepare_pair(model, clean, corrupted, metric)
     ablated = _ablated_writes(model, graph, clean_t, corrupt_t, corrupted, ablation, reference, seed)
     removed = torch.stack([graph.valid & ~c.mask for c in circuits]).to(model.device)
     V = len(circuits)

@@ -79,9 +79,37 @@ class PatchResult:
         return self.to_html(full_page=False)
 
 
-def _same_padding(a: Tokens, b: Tokens) -> bool:
-    """Whether two batches of the same shape have the same real tokens (the same per-prompt lengths)."""
-    return (a.mask is None) == (b.mask is None) and (a.mask is None or torch.equal(a.mask, b.mask))
+def prepare_pair(
+    model: HookedModel,
+    clean,
+    corrupted,
+    metric: Metric | None = None,
+    names: tuple[str, str] = ("clean", "corrupted"),
+) -> tuple[Tokens, Tokens]:
+    """Tokenise two inputs that are patched into each other, checking that they align token by token.
+
+    Prompts of different lengths are padded on the right, so both batches must pad alike (or a patch
+    copies padding into real tokens), and ``metric`` must not read from the end (``pos < 0``), which
+    for the shorter prompts is padding.
+    """
+    a, b = model.prepare(clean, None, None, "right"), model.prepare(corrupted, None, None, "right")
+    if a.ids.shape != b.ids.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} inputs must have the same token shape, got {tuple(a.ids.shape)} and "
+            f"{tuple(b.ids.shape)}; rephrase so they align token by token"
+        )
+    if (a.mask is None) != (b.mask is None) or (a.mask is not None and not torch.equal(a.mask, b.mask)):
+        raise ValueError(
+            f"{names[0]} and {names[1]} prompts pad differently (prompt i of each has a different token length), "
+            "so a patch would copy padding into real tokens; pair prompts of equal token length"
+        )
+    if a.mask is not None and getattr(metric, "reads_last", 0):
+        raise ValueError(
+            "the prompts have different token lengths, so they are padded on the right, and the metric reads "
+            "from the end (pos < 0): padding for the shorter prompts. Use prompts of one token length, or "
+            "a metric of each prompt's own position"
+        )
+    return a, b
 
 
 def _names(model: HookedModel, point: str) -> list[str]:
@@ -161,24 +189,14 @@ def patch_sweep(
         memory_budget: bytes of activations one forward may hold; sets how many variants share it.
 
     Raises:
-        ValueError: different token lengths, an unknown point, or a budget below one variant.
+        ValueError: inputs that do not align token by token (see :func:`prepare_pair`), an unknown
+            point, or a budget below one variant.
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     per = per or ("pos" if point in RESID_POINTS else "head")
     names = _names(model, point)
-    clean_t = model.prepare(clean, None, None, "right")
-    corrupt_t = model.prepare(corrupted, None, None, "right")
-    if clean_t.ids.shape != corrupt_t.ids.shape:
-        raise ValueError(
-            f"clean and corrupted inputs must have the same token shape, got {tuple(clean_t.ids.shape)} and "
-            f"{tuple(corrupt_t.ids.shape)}; rephrase so they align token by token"
-        )
-    if not _same_padding(clean_t, corrupt_t):
-        raise ValueError(
-            "clean and corrupted prompts pad differently (prompt i of each has a different token length), so "
-            "a patch would copy padding into real tokens; pair prompts of equal token length"
-        )
+    clean_t, corrupt_t = prepare_pair(model, clean, corrupted, metric)
     base, source = (corrupt_t, clean_t) if direction == "denoise" else (clean_t, corrupt_t)
     n_prompts, n_pos = base.ids.shape
     starts = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]

@@ -43,7 +43,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.interventions.metrics import Metric, normalise
-from mechscope.interventions.patching import PatchResult
+from mechscope.interventions.patching import PatchResult, prepare_pair
 from mechscope.models import HookedModel
 from mechscope.models.hook_points import HookPoint
 from mechscope.models.tokens import Tokens
@@ -200,19 +200,6 @@ def _check_upstream(units: list[_Unit], recv: _Receivers) -> None:
             f"sender {what} is not upstream of the receivers (first receiver block {recv.first}): "
             "senders must sit in earlier layers than every receiver"
         )
-
-
-def _tokens(model: HookedModel, base: ModelInput, source: ModelInput) -> tuple[Tokens, Tokens]:
-    b = model.prepare(base, None, None, "right")
-    s = model.prepare(source, None, None, "right")
-    if b.ids.shape != s.ids.shape:
-        raise ValueError(
-            f"base and source must have the same token shape, got {tuple(b.ids.shape)} and "
-            f"{tuple(s.ids.shape)}; rephrase so they align token by token"
-        )
-    if (b.mask is None) != (s.mask is None) or (b.mask is not None and not torch.equal(b.mask, s.mask)):
-        raise ValueError("base and source pad differently; pad both batches to the same per-prompt lengths")
-    return b, s
 
 
 def _runs(model: HookedModel, base: Tokens, source: Tokens, metric: Metric, freeze_mlps: bool) -> _Runs:
@@ -412,10 +399,10 @@ def path_patch(
         memory_budget: bytes of activations one forward may hold.
 
     Raises:
-        ValueError: different token shapes, a sender not upstream of every receiver, an unknown
-            receiver input, indices out of range, or a budget below one variant.
+        ValueError: inputs that do not align (:func:`prepare_pair`), a sender not upstream of every
+            receiver, an unknown receiver input, indices out of range, or a budget below one variant.
     """
-    b, s = _tokens(model, base, source)
+    b, s = prepare_pair(model, base, source, metric, names=("base", "source"))
     units = _senders(model, senders)
     recv = _receivers(model, receivers, receiver_input, positions, b.ids.shape[1])
     _check_upstream(units, recv)
@@ -457,7 +444,7 @@ def path_patch_sweep(
         raise ValueError(f"direction must be 'noise' or 'denoise', got {direction!r}")
     if senders not in ("heads", "layers"):
         raise ValueError(f"senders must be 'heads' or 'layers', got {senders!r}")
-    clean_t, corrupt_t = _tokens(model, clean, corrupted)
+    clean_t, corrupt_t = prepare_pair(model, clean, corrupted, metric)
     base, source = (clean_t, corrupt_t) if direction == "noise" else (corrupt_t, clean_t)
     recv = _receivers(model, receivers, receiver_input, positions, base.ids.shape[1])
     L, H = model.cfg.n_layers, model.cfg.n_heads

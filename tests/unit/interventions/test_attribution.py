@@ -16,7 +16,10 @@ from mechscope.interventions.attribution import (
 )
 from mechscope.interventions.patching import PatchResult, patch_sweep
 
-CLEAN, CORRUPT = ["the cat sat", "a dog ran!"], ["the car sat", "a fog ran!"]
+CLEAN, CORRUPT = (
+    ["the cat sat", "a dog ran!!"],
+    ["the car sat", "a fog ran!!"],
+)  # one length: metrics read pos -1
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def _check_derivative(model, point, per, direction, eps, atol):
     _, src = model.run_with_cache(source, [_hook(point, per, layer) for layer in range(model.cfg.n_layers)])
     fd = [_finite_difference(model, point, per, cells[i].tolist(), base, src, metric, eps) for i in pick]
     torch.testing.assert_close(est[pick], torch.tensor(fd, dtype=est.dtype), atol=atol, rtol=1e-4)
-    assert est.abs().max() > 1e-2  # the check is not vacuous
+    assert est.abs().max() > 5e-3  # the check is not vacuous: far above atol
 
 
 @pytest.mark.parametrize("point,per,direction,eps,atol", CASES)

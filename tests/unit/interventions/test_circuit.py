@@ -18,7 +18,10 @@ from mechscope.interventions.circuit import (
 )
 from mechscope.models import edits
 
-CLEAN, CORRUPT = ["the cat sat", "a dog ran!"], ["the car sat", "a fog ran!"]
+CLEAN, CORRUPT = (
+    ["the cat sat", "a dog ran!!"],
+    ["the car sat", "a fog ran!!"],
+)  # one length: metrics read pos -1
 ABLATIONS = ["corrupted", "mean", "resample"]
 
 

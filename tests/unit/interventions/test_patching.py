@@ -16,7 +16,10 @@ def model() -> ms.HookedModel:
     return ms.load_model("tiny-llama")
 
 
-CLEAN, CORRUPT = ["the cat sat", "a dog ran!"], ["the car sat", "a fog ran!"]
+CLEAN, CORRUPT = (
+    ["the cat sat", "a dog ran!!"],
+    ["the car sat", "a fog ran!!"],
+)  # one length: metrics read pos -1
 
 
 def _loop(model, metric, name_of, index_of, cells, source_input, base_input):
@@ -151,3 +154,23 @@ def test_prompts_that_pad_differently_are_refused(model):
         patch_sweep(model, clean, corrupt, metric)
     with pytest.raises(ValueError, match="pad differently"):
         attribution_patch(model, clean, corrupt, metric)
+
+
+def test_a_metric_reading_from_the_end_of_padded_prompts_is_refused(model):
+    """Right-padded prompts of different lengths: logits[:, -1] of the shorter one is padding."""
+    from mechscope.interventions.attribution import attribution_patch
+    from mechscope.interventions.circuit import edge_attribution
+    from mechscope.interventions.path_patching import path_patch
+
+    clean, corrupt = ["the cat sat on a mat", "hi"], ["the dog sat on a mat", "yo"]
+    assert model.tokenize(clean).mask is not None
+    last, first = metrics.logit_diff(1, 2), metrics.logit_diff(1, 2, pos=0)
+    for run in (
+        lambda m: patch_sweep(model, clean, corrupt, m),
+        lambda m: attribution_patch(model, clean, corrupt, m),
+        lambda m: edge_attribution(model, clean, corrupt, m),
+        lambda m: path_patch(model, clean, corrupt, m, senders=[(0, 0)], receivers="logits"),
+    ):
+        with pytest.raises(ValueError, match="reads from the end"):
+            run(last)
+    assert patch_sweep(model, clean, corrupt, first).values.isfinite().all()  # a fixed position is fine
