@@ -200,6 +200,19 @@ def test_batches_cover_each_text_row_once_per_epoch(store):
     assert sorted(every) == list(range(N_SHARDS * ROWS))
 
 
+def test_endless_batches_of_a_store_without_text_rows_are_refused(tmp_path):
+    """epochs=None on a store of BOS/separator rows only used to loop forever without yielding."""
+    w = StoreWriter.open(tmp_path / "s", _identity(), {})
+    index, docs, stored, _ = _shard(0, "float32")
+    index[:, 1] = -1  # every row special
+    w.write_shard(0, index, {}, stored)
+    w.finish()
+    s = ActivationStore.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="exclude_special=False"):
+        next(s.batches("a", 4, epochs=None))
+    assert len(next(s.batches("a", 4, epochs=None, exclude_special=False))) == 4
+
+
 def test_batches_hold_the_stored_rows_for_every_hook(store):
     for a, b in store.batches(["a", "b"], 10, seed=1):
         rows = _rows(a)
