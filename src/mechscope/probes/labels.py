@@ -7,6 +7,7 @@ classes, and a stratified split needs two examples of each.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,7 +42,9 @@ def encode_labels(labels: Sequence | Tensor, n_examples: int, task: Task = "auto
     t = labels if isinstance(labels, Tensor) else None
     if task == "auto":
         is_float = (t is not None and t.is_floating_point()) or (
-            t is None and any(isinstance(v, float) for v in labels)
+            # numbers.Real, not float: numpy's float32 values are no Python floats
+            t is None
+            and any(isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) for v in labels)
         )
         task = "regression" if is_float else "classification"
     if task == "regression":

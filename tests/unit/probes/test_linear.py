@@ -172,6 +172,12 @@ def test_probe_layers_sweeps_every_layer_in_one_call():
     assert "blocks.0.hook_resid_pre" in result.skipped  # the last token " thing" is the same everywhere
 
 
+def test_numpy_float_labels_are_regression_targets():
+    # np.float32 is no Python float: a list of them once became three classes, one per value.
+    assert encode_labels([np.float32(0.5), np.float32(1.5), np.float32(2.5)], 3).task == "regression"
+    assert encode_labels([np.int64(0), np.int64(1), np.int64(1)], 3).task == "classification"
+
+
 def test_bad_input_raises_probe_errors():
     x, _, _ = _data(n=20)
     with pytest.raises(ProbeError, match="19 labels for 20 examples"):
