@@ -560,17 +560,12 @@ class ActivationStore:
         """
         if buffer_rows < 2:
             raise ValueError(f"buffer_rows must be at least 2, got {buffer_rows}")
-        if (
-            epochs is None and self.n_rows(exclude_special=exclude_special) == 0
-        ):  # else: forever, yielding nothing
-            raise StoreError(
-                f"the store at {self.root} has no rows to draw from"
-                + (
-                    " but BOS/separator tokens; pass exclude_special=False to use them"
-                    if exclude_special
-                    else ""
-                )
+        if epochs is None and self.n_rows(exclude_special=exclude_special) == 0:
+            # Else the endless loop below would never yield.
+            but = (
+                " but BOS/separator tokens; pass exclude_special=False to use them" if exclude_special else ""
             )
+            raise StoreError(f"the store at {self.root} has no rows to draw from{but}")
         epoch = 0
         while epochs is None or epoch < epochs:
             rng = np.random.default_rng([seed, epoch])
