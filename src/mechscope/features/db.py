@@ -68,8 +68,7 @@ class FeatureDB:
         # row group holding the feature instead of re-reading the footer first.
         self._con.execute("SET parquet_metadata_cache = true")
         self._lookups = {
-            name: KeyedParquet(table_path(path, name), SCHEMAS[name].names[0])
-            for name in ("features", "examples", "logits", "neighbours")
+            name: _keyed(path, name) for name in ("features", "examples", "logits", "neighbours")
         }
         self._lock = threading.Lock()
         self._vocab: list[str] | None = None
@@ -94,8 +93,10 @@ class FeatureDB:
             raise FeatureDBError(f"{root} is not a feature database: no {META_FILE}{hint}")
         try:
             meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FeatureDBError(f"{meta_file} is not valid JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise FeatureDBError(f"{meta_file} is not a mechscope feature database (not a JSON object)")
         if meta.get("format") != FORMAT:
             raise FeatureDBError(
                 f"{meta_file} is not a mechscope feature database (format {meta.get('format')!r})"
@@ -111,7 +112,22 @@ class FeatureDB:
                 f"{root} lacks {', '.join(f'{n}.parquet' for n in missing)}: copy the whole directory"
             )
         _check_compatible(root, meta, model, sae)
-        return cls(root, meta)
+        if isinstance(meta.get("n_features"), bool) or not isinstance(meta.get("n_features"), int):
+            raise FeatureDBError(f"{meta_file} has no n_features: rebuild the database or copy it again")
+        # A table cut short (a copy interrupted, a full disk) or from another database: refuse it here,
+        # naming it, rather than fail later on a query.
+        try:
+            db = cls(root, meta)
+        except duckdb.Error as e:  # vocab.parquet, the table only DuckDB reads (its message names the file)
+            raise FeatureDBError(f"{root} is damaged ({e}): rebuild it or copy it again") from e
+        rows = db._lookups["features"].num_rows
+        if rows != db.n_features:
+            db.close()
+            raise FeatureDBError(
+                f"{table_path(root, 'features')} has {rows} rows, but {meta_file} says {db.n_features} "
+                "features: the tables come from different databases; rebuild it or copy it again"
+            )
+        return db
 
     def close(self) -> None:
         self._con.close()
@@ -315,6 +331,15 @@ class FeatureDB:
             write_table(self.path, "features", table)
             self._lookups["features"].close()  # the file was replaced: read the new one
             self._lookups["features"] = KeyedParquet(table_path(self.path, "features"), "id")
+
+
+def _keyed(root: Path, name: str) -> KeyedParquet:
+    """Table ``name`` opened for point lookups; FeatureDBError naming it if it is not a whole Parquet file."""
+    path = table_path(root, name)
+    try:
+        return KeyedParquet(path, SCHEMAS[name].names[0])
+    except (OSError, pa.ArrowException) as e:
+        raise FeatureDBError(f"{path} is damaged ({e}): rebuild the database or copy it again") from e
 
 
 def _check_compatible(root: Path, meta: dict[str, Any], model, sae) -> None:

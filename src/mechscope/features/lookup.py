@@ -37,6 +37,11 @@ class KeyedParquet:
             self._max = np.array([s.max for s in stats], dtype=np.int64)
         self._lock = threading.Lock()  # one file handle: reads are serialised
 
+    @property
+    def num_rows(self) -> int:
+        """Rows in the file (from its footer)."""
+        return self._file.metadata.num_rows
+
     def _groups(self, key: int) -> range:
         """Row groups whose [min, max] holds ``key`` (contiguous, since the file is sorted)."""
         return range(

@@ -4,6 +4,7 @@ schema, point lookups that read one row group (timed), paging, filters, explanat
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 
@@ -191,3 +192,33 @@ def test_broken_databases_are_refused(tmp_path, big):
     with pytest.raises(ValueError, match="needs columns"):
         bad = {**synthetic_tables(np.random.default_rng(4), 10), "vocab": pa.table({"token": [1]})}
         write_database(tmp_path, bad, meta())
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("features.parquet", "features.parquet is damaged"),
+        ("examples.parquet", "examples.parquet is damaged"),
+        ("vocab.parquet", "vocab.parquet"),
+        ("meta-list", "not a JSON object"),
+        ("meta-no-n_features", "has no n_features"),
+        ("meta-more-features", "has 10 rows, but"),
+    ],
+)
+def test_damaged_databases_are_refused_naming_the_damage(tmp_path, damage, words):
+    """A table cut short (an interrupted copy) or a meta.json that does not match the tables is a
+    FeatureDBError when opened, never a pyarrow / DuckDB / KeyError later."""
+    write_database(tmp_path, synthetic_tables(np.random.default_rng(5), 10), {**meta(), "n_features": 10})
+    meta_file = tmp_path / META_FILE
+    data = json.loads(meta_file.read_text())
+    if damage.endswith(".parquet"):
+        path = tmp_path / damage
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "meta-list":
+        meta_file.write_text("[]")
+    elif damage == "meta-no-n_features":
+        meta_file.write_text(json.dumps({k: v for k, v in data.items() if k != "n_features"}))
+    else:
+        meta_file.write_text(json.dumps({**data, "n_features": 12}))
+    with pytest.raises(FeatureDBError, match=re.escape(words)):
+        FeatureDB.open(tmp_path)
