@@ -159,3 +159,12 @@ def test_missing_name_error_lists_close_cached_names(tiny):
     _, cache = tiny.run_with_cache(random_tokens(tiny), ["blocks.0.hook_resid_post"])
     with pytest.raises(KeyError, match="blocks.0.hook_resid_post"):
         cache["blocks.0.hook_resid_pos"]
+
+
+def test_stack_counts_negative_layers_like_accumulated_resid(tiny):
+    _, cache = tiny.run_with_cache(random_tokens(tiny))
+    n = tiny.cfg.n_layers
+    assert cache.stack("hook_resid_pre", -1).shape[0] == n  # TransformerLens' -1: all layers
+    torch.testing.assert_close(cache.stack("hook_resid_pre", -2), cache.stack("hook_resid_pre")[: n - 1])
+    with pytest.raises(ValueError, match="layer"):
+        cache.stack("hook_resid_pre", n + 1)

@@ -52,3 +52,38 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     with pytest.raises(UnsupportedArchitectureError, match="gpt2.*llama"):
         adapter_for(BertConfig())
+
+
+def _fake_gguf(tmp_path, monkeypatch):
+    """A ``.gguf`` path whose "dequantisation" returns tiny-llama, so the conversion cache runs in a second."""
+    import mechscope.models.load as load
+
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    tiny_model, tiny_tokenizer = load._tiny("llama")
+    real_model, real_tokenizer = load.AutoModelForCausalLM.from_pretrained, load.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        load.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda where, gguf_file=None, **kw: tiny_model if gguf_file else real_model(where, **kw),
+    )
+    monkeypatch.setattr(
+        load.AutoTokenizer,
+        "from_pretrained",
+        lambda where, gguf_file=None, **kw: tiny_tokenizer if gguf_file else real_tokenizer(where, **kw),
+    )
+    return gguf, tiny_model
+
+
+def test_gguf_conversion_that_cannot_be_cached_still_loads(tmp_path, monkeypatch):
+    gguf, dequantised = _fake_gguf(tmp_path, monkeypatch)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dequantised, "save_pretrained", disk_full)
+    model = ms.load_model(str(gguf))
+    assert model.hf_model is dequantised
+    converted = tmp_path / "cache" / "converted"
+    assert not converted.exists() or not any(converted.iterdir())  # no half-written directory left

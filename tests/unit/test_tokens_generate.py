@@ -64,3 +64,18 @@ def test_batched_generation_left_pads(tiny):
     outs = tiny.generate(["hello there", "hi"], max_new_tokens=4, min_new_tokens=4)
     assert isinstance(outs, list) and outs[1].startswith("hi") and outs[0].startswith("hello there")
     assert outs[1] == tiny.generate("hi", max_new_tokens=4, min_new_tokens=4)
+
+
+def test_generate_takes_left_padded_ids_with_their_mask(tiny):
+    texts = ["hello there", "hi"]
+    toks = tiny.tokenize(texts, padding_side="left")
+    outs = tiny.generate(toks.ids, attention_mask=toks.mask, max_new_tokens=4, min_new_tokens=4)
+    assert outs == tiny.generate(texts, max_new_tokens=4, min_new_tokens=4)
+
+
+def test_position_lists_out_of_range_on_cached_steps_are_skipped(tiny):
+    vec = torch.randn(tiny.cfg.d_model) * 20
+    hooks = [("blocks.0.hook_resid_post", edits.add(vec, pos=[1, 2]))]
+    steered = tiny.generate("hello", hooks=hooks, max_new_tokens=4, min_new_tokens=4)
+    assert steered.startswith("hello")
+    assert no_hooks_left(tiny)

@@ -83,8 +83,11 @@ class ActivationCache:
 
     # ---------------------------------------------------------------- stacks
     def stack(self, point: str, layers: int | None = None) -> Tensor:
-        """``blocks.{L}.<point>`` for ``L < layers`` (default all) stacked on a new leading ``layer`` axis."""
-        n = self.model.cfg.n_layers if layers is None else layers
+        """``blocks.{L}.<point>`` for ``L < layers`` (default all; negative counts as in ``accumulated_resid``,
+        ``-1`` all) stacked on a new leading ``layer`` axis."""
+        n = self._layer(layers)
+        if n == 0:
+            raise ValueError(f"layers={layers} selects no block; pass 1 .. {self.model.cfg.n_layers} or None")
         return torch.stack([self[f"blocks.{i}.{point}"] for i in range(n)])
 
     def _resid_at(self, layer: int) -> Tensor:

@@ -41,12 +41,11 @@ def _axis_mask(size: int, sel: Selector, device: torch.device) -> Tensor | None:
         return None
     keep = torch.zeros(size, dtype=torch.bool, device=device)
     if isinstance(sel, int):
-        if not -size <= sel < size:  # e.g. a prompt position on a one-token generation step
-            return keep
         sel = [sel]
-    keep[sel if isinstance(sel, slice) else torch.as_tensor(list(sel), dtype=torch.long, device=device)] = (
-        True
-    )
+    if not isinstance(sel, slice):
+        # Out-of-range indices are skipped, e.g. prompt positions on a one-token generation step.
+        sel = torch.as_tensor([i for i in sel if -size <= i < size], dtype=torch.long, device=device)
+    keep[sel] = True
     return keep
 
 

@@ -23,6 +23,7 @@ def generate(
     model: HookedModel,
     input: str | list[str] | Tensor,
     *,
+    attention_mask: Tensor | None = None,
     hooks: HookSpec = None,
     max_new_tokens: int = 20,
     do_sample: bool = False,
@@ -37,6 +38,9 @@ def generate(
 ) -> str | list[str] | Tensor:
     """Continue ``input`` by ``max_new_tokens`` tokens, greedily unless ``do_sample``.
 
+    A batch of token ids must be left-padded, with its ``attention_mask`` (``model.tokenize(texts,
+    padding_side="left")`` gives both).
+
     Returns:
         The prompt plus continuation as text (a list for a list of prompts), or the token ids with
         ``return_tokens=True``.
@@ -44,7 +48,7 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     single = isinstance(input, str) or (isinstance(input, Tensor) and input.ndim == 1)
-    toks = model.prepare(input, None, prepend_bos, padding_side="left")
+    toks = model.prepare(input, attention_mask, prepend_bos, padding_side="left")
     if toks.ids.shape[1] + max_new_tokens > model.cfg.n_ctx:
         raise ContextTooLongError(
             f"{toks.ids.shape[1]} prompt tokens + {max_new_tokens} new exceed the context of {model.cfg.n_ctx}"

@@ -143,10 +143,18 @@ def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         model.hf_quantizer = None
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         os.replace(tmp, cached)
-    except OSError:  # another process finished first: keep theirs
+    except OSError as e:  # another process finished first (keep theirs), or the cache is read-only or full
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (cached / "config.json").exists():
+            logger.warning(
+                "could not cache the dequantised %s in %s (%s); loading it again will convert it again. "
+                "Set $MECHSCOPE_CACHE to a writable directory to keep it.",
+                path.name,
+                cached,
+                e,
+            )
     return model, tokenizer
