@@ -121,6 +121,11 @@ def train_attn_only(
     tokenizer = byte_tokenizer()
     ids = torch.tensor(list((text or offline_text()).encode("utf-8")), dtype=torch.long)
     split = int(0.9 * len(ids))
+    if len(ids) - split < cfg.n_ctx:  # the held-out tenth must hold one whole context window
+        raise ValueError(
+            f"the text is {len(ids)} bytes; training with n_ctx={cfg.n_ctx} needs at least "
+            f"{10 * cfg.n_ctx} (a tenth is held out for validation): pass more text or a smaller n_ctx"
+        )
     torch.manual_seed(cfg.seed)
     config = AttnOnlyConfig(
         hidden_size=cfg.d_model,

@@ -124,3 +124,10 @@ def test_cli_trains_saves_and_draws_the_curves(tmp_path):
     assert report["config"]["repeat_fraction"] == 0.5 and [r["step"] for r in report["history"]] == [0, 2, 4]
     assert (out / "phase_change.svg").read_text().startswith("<svg")
     assert ms.load_model(str(out)).cfg.n_layers == 2
+
+
+def test_text_too_short_for_a_validation_window_says_how_much_is_needed():
+    # a tenth of the text is held out and must hold one n_ctx window (was: a bare torch.randint error)
+    cfg = AttnOnlyTrainConfig(n_layers=1, d_model=16, n_heads=2, n_ctx=64, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match=r"500 bytes.*at least 640.*smaller n_ctx"):
+        train_attn_only(cfg, text="x" * 500)
