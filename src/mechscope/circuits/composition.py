@@ -7,7 +7,10 @@ keys or its values. With row vectors, head ``a`` writes ``x W_OV^a`` (``W_OV = W
 
     Q: |W_OV^a W_QK^b|_F / (|W_OV^a|_F |W_QK^b|_F)      K: same with (W_QK^b)^T      V: with W_OV^b
 
-Weights are norm-folded (:func:`mechscope.models.weights.fold_norms`). All matrices are rank
+Weights are norm-folded (:func:`mechscope.models.weights.fold_norms`) and, in LayerNorm models,
+centred along ``d_model`` (TransformerLens' ``fold_ln`` + ``center_writing_weights``): a LayerNorm
+removes the residual's mean before any head reads it, so the part of a write or a read along the
+all-ones direction composes with nothing and must not count. All matrices are rank
 ``d_head``, so each score is computed from ``d_head x d_head`` Gram matrices:
 ``|A M B|_F^2 = tr(A^T A M B B^T M^T)`` with ``M`` the inner product of the factors, batched
 over every pair of heads of two layers. The baseline is the same score for random Gaussian
@@ -40,8 +43,8 @@ class CompositionScores(NamedTuple):
         """The ``k`` highest pairs of ``mode`` above baseline: ``("L0H3", "L1H5", score - baseline)``."""
         i = MODES.index(mode)
         s = (self.scores[i] - self.baseline[i]).nan_to_num(float("-inf"))
-        n_layers, n_heads = s.shape[:2]
-        best = s.flatten().topk(min(k, s.numel())).indices
+        # only real (earlier, later) pairs: a one-layer model has none
+        best = s.flatten().topk(min(k, int(self.scores[i].isfinite().sum()))).indices
         out = []
         for flat in best.tolist():
             la, ha, lb, hb = torch.unravel_index(torch.tensor(flat), s.shape)
@@ -61,12 +64,15 @@ def _gram_scores(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor) -> Tensor:
     return num / (n1[:, None] * n2[None, :])
 
 
-def _factors(blocks, layer: int) -> dict[str, tuple[Tensor, Tensor]]:
+def _factors(blocks, layer: int, center: bool) -> dict[str, tuple[Tensor, Tensor]]:
     w = blocks[layer]
+    # [h d_model d_head]: centre along d_model (what a LayerNorm cannot see); W_O's d_model is last.
+    c = (lambda W, dim: W - W.mean(dim, keepdim=True)) if center else (lambda W, dim: W)  # noqa: E731
+    W_Q, W_K, W_V = (c(W, -2) for W in (w.W_Q, w.W_K, w.W_V))
     return {
-        "OV": (w.W_V, w.W_O),  # [h d_model d_head], [h d_head d_model]
-        "QK": (w.W_Q, w.W_K.mT),
-        "QK^T": (w.W_K, w.W_Q.mT),
+        "OV": (W_V, c(w.W_O, -1)),  # [h d_model d_head], [h d_head d_model]
+        "QK": (W_Q, W_K.mT),
+        "QK^T": (W_K, W_Q.mT),
     }
 
 
@@ -75,7 +81,7 @@ def composition_scores(model: HookedModel, *, baseline_samples: int = 32, seed: 
     """Q/K/V composition of every head with every head in a later layer (norm-folded weights)."""
     c = model.cfg
     blocks = fold_norms(model.weights).blocks
-    factors = [_factors(blocks, layer) for layer in range(c.n_layers)]
+    factors = [_factors(blocks, layer, c.norm == "layernorm") for layer in range(c.n_layers)]
     scores = torch.full((3, c.n_layers, c.n_heads, c.n_layers, c.n_heads), float("nan"))
     for la in range(c.n_layers):
         ov_a = factors[la]["OV"]

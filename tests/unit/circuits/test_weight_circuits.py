@@ -3,6 +3,8 @@ detectors find planted behaviour."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -59,11 +61,14 @@ def test_composition_scores_equal_the_dense_definition(tiny):
     result = composition_scores(tiny)
     blocks = fold_norms(tiny.weights).blocks
     la, ha, lb, hb = 0, 1, 1, 2
-    ov_a = blocks[la].W_V[ha] @ blocks[la].W_O[ha]
+    # LayerNorm reads only the centred residual: project out the all-ones direction on both sides
+    d = tiny.cfg.d_model
+    P = torch.eye(d) - (tiny.cfg.norm == "layernorm") * torch.full((d, d), 1 / d)
+    ov_a = P @ blocks[la].W_V[ha] @ blocks[la].W_O[ha] @ P
     reads = {
-        "Q": blocks[lb].W_Q[hb] @ blocks[lb].W_K[hb].T,
-        "K": (blocks[lb].W_Q[hb] @ blocks[lb].W_K[hb].T).T,
-        "V": blocks[lb].W_V[hb] @ blocks[lb].W_O[hb],
+        "Q": P @ blocks[lb].W_Q[hb] @ blocks[lb].W_K[hb].T @ P,
+        "K": (P @ blocks[lb].W_Q[hb] @ blocks[lb].W_K[hb].T @ P).T,
+        "V": P @ blocks[lb].W_V[hb] @ blocks[lb].W_O[hb] @ P,
     }
     for i, mode in enumerate(MODES):
         fro = torch.linalg.matrix_norm
@@ -147,3 +152,30 @@ def test_rotary_qk_circuit_reads_the_models_rope_scaling():
     model = ms.HookedModel(hf, tokenizer, adapter)
     assert model.module(adapter.rotary_emb).attention_scaling > 1.1
     _layer0_scores_at_offsets(model, (0, 2, 5))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "attn_only"])
+def test_composition_ignores_the_mean_that_layernorm_removes(family):
+    # A LayerNorm cannot see the residual's mean: shifting every head's write along the all-ones
+    # direction leaves the model's function unchanged, so its composition scores must not move
+    # (TransformerLens centres the weights for the same reason).
+    model = ms.load_model(f"tiny-{family}")  # a fresh copy: the edit below stays here
+    toks = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    logits, scores = model(toks), composition_scores(model).scores
+    with torch.no_grad():
+        W_O = model.weights.blocks[0].W_O  # a view onto the HF weight
+        W_O += torch.randn(*W_O.shape[:2], 1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(toks), logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(composition_scores(model).scores, scores, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+def test_composition_top_lists_only_real_pairs():
+    model = ms.load_model("tiny-gpt2")  # 2 layers x 4 heads: 16 (earlier, later) pairs
+    top = composition_scores(model).top("K", 50)
+    assert len(top) == 16 and all(a[1] < b[1] and math.isfinite(s) for a, b, s in top)
+    one_layer = ms.HookedModel(
+        AutoModelForCausalLM.from_config(adapters()["gpt2"].tiny_config(n_layer=1)).eval(),
+        byte_tokenizer(),
+        adapters()["gpt2"],
+    )
+    assert composition_scores(one_layer).top("Q") == []  # nothing composes in a one-layer model
