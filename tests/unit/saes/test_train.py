@@ -256,29 +256,25 @@ def test_store_and_stream_sources_train(llama, tmp_path):
     assert json.loads((tmp_path / "stream/run.json").read_text())["source"]["source"] == "stream"
 
 
-def test_resume_survives_a_kill_between_checkpoint_renames(tmp_path):
-    source = TensorSource(sparse_data(n=1000))
-    whole = _train(tmp_path / "whole", source)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "broken", source, stop_at=17)
-    run = tmp_path / "broken"
+def _torn(run):
     (run / "checkpoint").rename(run / "checkpoint.old")  # killed after moving the old one away...
     (run / "checkpoint.tmp").mkdir()  # ...with a half-written new one beside it
     (run / "checkpoint.tmp" / "sae_weights.safetensors").write_bytes(b"torn")
-    resumed = _train(run, source)
-    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
 
 
-def test_resume_survives_a_kill_before_the_old_checkpoint_is_deleted(tmp_path):
+def _old_left(run):  # killed after the new one was renamed into place, before the old one was deleted
+    shutil.copytree(run / "checkpoint", run / "checkpoint.old")
+
+
+@pytest.mark.parametrize("kill", [_torn, _old_left])
+def test_resume_survives_a_kill_while_checkpointing(tmp_path, kill):
     source = TensorSource(sparse_data(n=1000))
     whole = _train(tmp_path / "whole", source)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "broken", source, stop_at=17)
     run = tmp_path / "broken"
-    # killed after the new checkpoint was renamed into place, before the old one was deleted
-    shutil.copytree(run / "checkpoint", run / "checkpoint.old")
-    resumed = _train(run, source)  # its next checkpoint must not trip over checkpoint.old
+    kill(run)
+    resumed = _train(run, source)  # its next checkpoints must not trip over what the kill left
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert not (run / "checkpoint.old").exists()
