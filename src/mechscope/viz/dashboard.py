@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mechscope.features.db import Example, FeatureDB, FeatureRecord, FeatureSummary
 
-Link = Callable[[int], str]
+Link = Callable[[int], "str | None"]
+"""A feature id -> the address of its page, or None where there is none (the id is shown unlinked)."""
 
 # Scoped to .ms-feature so a fragment in a notebook does not restyle the page around it.
 _CSS = """
@@ -125,6 +126,11 @@ def _default_link(i: int) -> str:
     return f"feature-{i}.html"
 
 
+def _ref(i: int, link: Link) -> str:
+    href = link(i)
+    return f"<a href='{escape(href)}'>#{i}</a>" if href else f"#{i}"
+
+
 def render_feature_body(rec: FeatureRecord, *, link: Link = _default_link) -> str:
     """The dashboard of one feature as an HTML fragment (no ``<style>``; see :func:`render_feature_html`)."""
     fmt = lambda x: "–" if x is None else f"{x:.4g}"  # noqa: E731
@@ -139,8 +145,7 @@ def render_feature_body(rec: FeatureRecord, *, link: Link = _default_link) -> st
         else "<p class='none'>no explanation yet</p>"
     )
     neighbours = "".join(
-        f"<tr><td><a href='{escape(link(n.id))}'>#{n.id}</a></td><td>{n.cosine:.3f}</td>"
-        f"<td>{escape(n.explanation or '')}</td></tr>"
+        f"<tr><td>{_ref(n.id, link)}</td><td>{n.cosine:.3f}</td><td>{escape(n.explanation or '')}</td></tr>"
         for n in rec.neighbours
     )
     vmax = rec.max if rec.max > 0 else 1.0
@@ -185,7 +190,7 @@ def render_index_html(
 ) -> str:
     """A table of features (id, density, max, mean, explanation) linking to their pages."""
     body = "".join(
-        f"<tr><td><a href='{escape(link(r.id))}'>#{r.id}</a></td><td>{r.density:.3%}</td><td>{r.max:.4g}</td>"
+        f"<tr><td>{_ref(r.id, link)}</td><td>{r.density:.3%}</td><td>{r.max:.4g}</td>"
         f"<td>{r.mean:.4g}</td><td>{escape(r.explanation or '')}</td></tr>"
         for r in rows
     )
@@ -218,8 +223,13 @@ def write_dashboards(
     ids = list(dict.fromkeys(ids))  # a repeated id is one page
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    written = set(ids)
+
+    def link(j: int) -> str | None:  # a neighbour whose page is not written is shown unlinked
+        return _default_link(j) if j in written else None
+
     for n, i in enumerate(ids, 1):
-        (out / _default_link(i)).write_text(db.feature(i).to_html(), encoding="utf-8")
+        (out / _default_link(i)).write_text(render_feature_html(db.feature(i), link=link), encoding="utf-8")
         if progress is not None:
             progress(n, len(ids))
     corpus = db.meta.get("corpus", {}).get("name", "a corpus")

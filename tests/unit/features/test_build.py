@@ -29,6 +29,7 @@ from mechscope.features import (
 )
 from mechscope.saes.arch import make_sae
 from mechscope.saes.sae import SAEConfig
+from mechscope.viz.dashboard import render_feature_html
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -382,7 +383,11 @@ def test_feature_report_writes_the_top_pages(llama, sae, corpus, sae_db, tmp_pat
     pages = re.findall(r"href='feature-(\d+).html'", report.index.read_text())
     assert [int(p) for p in pages] == report.features  # listed in rank order
     for i in report.features:
-        assert (report.index.parent / f"feature-{i}.html").read_text() == sae_db.feature(i).to_html()
+        page = (report.index.parent / f"feature-{i}.html").read_text()
+        want = render_feature_html(
+            sae_db.feature(i), link=lambda j: f"feature-{j}.html" if j in report.features else None
+        )
+        assert page == want
     assert snapshot(report.db.path)["features"] == snapshot(sae_db.path)["features"]
     with pytest.raises(ValueError, match="order_by must be one of"):
         feature_report(llama, sae, corpus, tmp_path / "bad", order_by="max; DROP TABLE features")

@@ -115,7 +115,16 @@ def test_write_dashboards_writes_index_and_pages(tmp_path):
     ]  # given order
     cells = re.findall(r"<td>([0-9.]+)%</td>", html)  # each row's density, from the database
     assert cells == [f"{100 * r.density:.3f}" for r in (db.feature(4), db.feature(1))]
-    assert (tmp_path / "out" / "feature-4.html").read_text() == db.feature(4).to_html()
+    page = (tmp_path / "out" / "feature-4.html").read_text()
+    assert page == render_feature_html(
+        db.feature(4), link=lambda j: f"feature-{j}.html" if j in (1, 4) else None
+    )
+    # Every link of every page leads to a page that was written (neighbours beyond them are plain ids).
+    neighbours = {n.id for i in (1, 4) for n in db.feature(i).neighbours}
+    assert neighbours - {1, 4}, "no unwritten neighbour: the check below would be vacuous"
+    for p in (tmp_path / "out").iterdir():
+        for href in re.findall(r"href='([^']+)'", p.read_text()):
+            assert (tmp_path / "out" / href).exists(), (p.name, href)
 
 
 def test_cli_build_show_list_dashboards(tmp_path):
