@@ -168,3 +168,5 @@ def test_stack_counts_negative_layers_like_accumulated_resid(tiny):
     torch.testing.assert_close(cache.stack("hook_resid_pre", -2), cache.stack("hook_resid_pre")[: n - 1])
     with pytest.raises(ValueError, match="layer"):
         cache.stack("hook_resid_pre", n + 1)
+    with pytest.raises(ValueError, match="incl_embeds=True"):  # was torch's empty-stack RuntimeError
+        cache.decompose_resid(0, incl_embeds=False)

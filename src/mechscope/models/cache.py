@@ -163,6 +163,10 @@ class ActivationCache:
                 if mode in ("all", kind):
                     parts.append(self[f"blocks.{i}.hook_{kind}_out"])
                     labels.append(f"{i}_{kind}_out")
+        if not parts:
+            raise ValueError(
+                f"no terms before block {layer} without the embeddings; pass incl_embeds=True or layer > 0"
+            )
         stack = _slice_pos(torch.stack(parts), pos_slice)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mode="cached", pos_slice=pos_slice)
