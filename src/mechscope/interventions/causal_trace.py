@@ -126,7 +126,12 @@ def subject_positions(model: HookedModel, prompt: str, subject: str) -> list[int
     tokens = model.to_str_tokens(prompt)
     joined = "".join(tokens)
     if not joined.endswith(prompt):
-        raise ValueError(f"cannot map the tokens {tokens!r} back onto the prompt's characters")
+        # Tokens that split a character (byte tokens of non-ASCII text) do not decode one by one:
+        # find the subject's tokens by tokenising the prompt up to its ends, as ROME does.
+        from mechscope.probes.rome_request import subject_tokens
+
+        first, last = subject_tokens(model, prompt, start, start + len(subject))
+        return list(range(first, last + 1))
     offset, pos, out = len(joined) - len(prompt), 0, []
     for i, t in enumerate(tokens):
         lo, hi = pos - offset, pos - offset + len(t)

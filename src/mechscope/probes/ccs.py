@@ -171,6 +171,10 @@ def _train_ccs(
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(n, generator=g)
     k = max(1, round(n * cfg.val_fraction)) if y is not None else 0
+    if k >= n:
+        raise ProbeError(
+            f"val_fraction {cfg.val_fraction} holds out all {n} contrast pairs; lower it or give more pairs"
+        )
     va, tr = perm[:k].sort().values, perm[k:].sort().values
     out: dict[str, CCSProbe] = {}
     by_width: dict[int, list[str]] = {}

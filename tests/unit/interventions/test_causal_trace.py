@@ -204,3 +204,12 @@ def test_average_figure_is_self_contained_and_shows_the_numbers(model):
     assert page.startswith("<!doctype html>") and "<script" not in page and svg in page
     with pytest.raises(ValueError, match="categories"):
         render_average_trace_svg({"state": aie["state"][:3]}, n_prompts=2, window=2)
+
+
+def test_subject_positions_in_a_prompt_whose_tokens_split_a_character(model):
+    """Byte tokens of a non-ASCII character do not decode one by one; the subject is still found."""
+    prompt = "the café cat sat on a"
+    assert subject_positions(model, prompt, "cat") == [10, 11, 12]
+    assert subject_positions(model, prompt, "café") == [4, 5, 6, 7, 8]
+    trace = causal_trace(model, prompt, "café", kinds=("state",), samples=2)
+    assert trace.subject == [4, 5, 6, 7, 8]

@@ -118,3 +118,9 @@ def test_cli_probe_ccs_json(tmp_path):
     assert [r["hook"] for r in report["hooks"]] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     for r in report["hooks"]:
         assert 0.5 <= r["ccs_acc"] <= 1 and 0 <= r["lr_acc"] <= 1
+
+
+def test_a_split_that_leaves_no_training_pairs_is_refused_not_a_nan_probe():
+    pos, neg, truth, _ = _planted(n=4)
+    with pytest.raises(ProbeError, match="val_fraction"):
+        train_ccs({"h": pos}, {"h": neg}, truth, CCSConfig(n_restarts=2, epochs=5, val_fraction=0.9))
