@@ -18,8 +18,7 @@ Definitions (every sum in float64, over all evaluated tokens):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,7 +27,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.models import HookedModel, edits
-from mechscope.saes.sae import SAE
+from mechscope.saes.sae import SAE, eval_mode
 from mechscope.saes.sources import Batch
 
 
@@ -71,18 +70,6 @@ class SAEEvaluation:
         return density_histogram(self.reconstruction.density, bins=bins)
 
 
-@contextmanager
-def _eval_mode(sae: SAE) -> Iterator[None]:
-    """Evaluate in eval mode (BatchTopK's threshold), then give the SAE back in the mode it had:
-    evaluating in the middle of a training loop must not switch the training off."""
-    training = sae.training
-    sae.eval()
-    try:
-        yield
-    finally:
-        sae.train(training)
-
-
 @torch.no_grad()
 def reconstruction_metrics(
     sae: SAE, batches: Iterable[Batch], *, dense_threshold: float = 0.1
@@ -92,7 +79,7 @@ def reconstruction_metrics(
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     s1 = torch.zeros(sae.cfg.d_out, dtype=torch.float64)
     s2 = 0.0
-    with _eval_mode(sae):
+    with eval_mode(sae):
         for batch in batches:
             x, y = batch if isinstance(batch, tuple) else (batch, batch)
             x, y = x.to(sae.device), y.to(sae.device, torch.float64)
@@ -144,7 +131,7 @@ def downstream_metrics(
     written = sae.cfg.out_hook_name or sae.cfg.hook_name
     special_ids = torch.tensor(sorted(model.tokenizer.all_special_ids), device=model.device)
     n, clean_sum, sae_sum, zero_sum, kl_sum = 0, 0.0, 0.0, 0.0, 0.0
-    with _eval_mode(sae):
+    with eval_mode(sae):
         for tokens in contexts:
             tokens = tokens.to(model.device)
             clean, cache = model.run_with_cache(tokens, names=[written])

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -360,6 +361,20 @@ class SAE(nn.Module):
         """The hook points this SAE reads and writes (see :func:`mechscope.saes.splice.check_fits`)."""
         c = self.cfg
         return [c.hook_name] + ([c.out_hook_name] if c.out_hook_name else [])
+
+
+@contextmanager
+def eval_mode(*saes: SAE) -> Iterator[None]:
+    """Run in eval mode (a BatchTopK uses its threshold, never selects across the batch), then give
+    each SAE back in the mode it had: evaluating or splicing mid-training must not end the training."""
+    modes = [s.training for s in saes]
+    try:
+        for s in saes:
+            s.eval()
+        yield
+    finally:
+        for s, training in zip(saes, modes, strict=True):
+            s.train(training)
 
 
 def geometric_median(

@@ -38,7 +38,7 @@ from torch import Tensor
 from mechscope.models.hook_names import parse
 from mechscope.models.hook_points import HookPoint
 from mechscope.models.hooked import HookedModel
-from mechscope.saes.sae import SAE, IncompatibleSAEError
+from mechscope.saes.sae import SAE, IncompatibleSAEError, eval_mode
 
 _NOT_PER_TOKEN = ("attn.hook_pattern", "attn.hook_attn_scores")
 
@@ -201,20 +201,15 @@ def splice(model: HookedModel, *saes: SAE, use_error_term: bool = False) -> Iter
             hooks.append((sp.in_hook, sp.read_write))
         else:
             hooks += [(sp.in_hook, sp.read), (sp.out_hook, sp.write)]
-    modes = [s.training for s in saes]
     try:
         for sp in splices:
             for point, host in sp.points():
                 removers.append(model.add_hook_point(point, after=host))
-        for s in saes:
-            s.eval()  # a spliced BatchTopK must use its threshold, never select across the batch
-        with model.hooks(hooks):
+        with eval_mode(*saes), model.hooks(hooks):
             yield model
     finally:
         for remove in reversed(removers):
             remove()
-        for s, training in zip(saes, modes, strict=True):
-            s.train(training)
 
 
 def sae_point_names(sae: SAE, use_error_term: bool = True) -> dict[str, str]:
